@@ -1,0 +1,123 @@
+"""Turns the extension on inside a starting ComfyUI, or refuses with one log line and changes nothing.
+
+Called once from the custom-node entry shim (../__init__.py). Host objects touched: comfy.cli_args.args,
+comfyui_version, comfy.memory_management.aimdo_enabled, server.PromptServer.instance (middleware,
+routes, app key), and everything patches/manifest.toml lists (through comfy_multigpu.patching).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from aiohttp import web
+
+from . import http_api, patching
+from .config import ConfigError, Settings, resolve_settings
+from .pool import WorkerPool
+
+logger = logging.getLogger("comfy_multigpu")
+
+ENV_DISABLE_PATCHES = "COMFY_MULTIGPU_DISABLE_PATCHES"   # diagnostics only: ids to leave out
+
+
+@dataclass
+class Extension:
+    settings: Settings
+    pool: WorkerPool
+    patches: patching.PatchSet
+    host_version: str
+
+    @property
+    def queue(self):
+        return self.pool.server.prompt_queue if self.pool.server is not None else None
+
+
+EXTENSION_KEY = web.AppKey("comfy_multigpu", Extension)
+
+
+def _machine() -> tuple[int, bool]:
+    import torch
+    from comfy.cli_args import args
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return cuda, bool(args.cpu)
+
+
+def activate_from_comfyui(env: Mapping[str, str] = os.environ) -> Optional[Extension]:
+    """Never raises: any failure leaves ComfyUI stock with one ERROR line."""
+    try:
+        return _activate(env)
+    except Exception:
+        logger.exception("comfy-multigpu: activation failed; ComfyUI runs stock")
+        return None
+
+
+def _activate(env: Mapping[str, str]) -> Optional[Extension]:
+    import comfy.memory_management
+    import comfyui_version
+    import server
+    import torch
+
+    cuda_count, cpu_flag = _machine()
+    try:
+        settings = resolve_settings(env, cuda_count, cpu_flag)
+    except ConfigError as ex:
+        logger.error("comfy-multigpu: not enabled, configuration error: %s. ComfyUI runs stock.", ex)
+        return None
+    if not settings.enabled:
+        logger.info("comfy-multigpu: off (%s); ComfyUI runs stock", settings.reason)
+        return None
+
+    host, specs = patching.load_manifest()
+    version = comfyui_version.__version__
+    wrong = patching.check_host_version(host, version)
+    if wrong:
+        logger.error("comfy-multigpu: refusing to enable: %s. ComfyUI runs stock; use a comfy-multigpu "
+                     "release made for this ComfyUI.", wrong)
+        return None
+    if comfy.memory_management.aimdo_enabled:
+        logger.error("comfy-multigpu: refusing to enable: DynamicVRAM is on and is not safe with "
+                     "concurrent workers. Start ComfyUI with --disable-dynamic-vram. ComfyUI runs stock.")
+        return None
+
+    skipped = {s.strip() for s in env.get(ENV_DISABLE_PATCHES, "").split(",") if s.strip()}
+    unknown = skipped - {s.id for s in specs}
+    if unknown:
+        logger.error("comfy-multigpu: not enabled: %s names unknown patch ids %s. ComfyUI runs stock.",
+                     ENV_DISABLE_PATCHES, sorted(unknown))
+        return None
+    specs = [s for s in specs if s.id not in skipped]
+
+    pool = WorkerPool((torch.device(label), label) for label in settings.devices)
+    patchset = patching.PatchSet(specs, pool)
+    problems = patchset.problems()
+    if problems:
+        logger.error("comfy-multigpu: refusing to enable on ComfyUI %s: %s. ComfyUI runs stock; use a "
+                     "comfy-multigpu release made for this ComfyUI.", version, "; ".join(problems))
+        return None
+    applied = patchset.apply()
+
+    srv = server.PromptServer.instance
+    queue = srv.prompt_queue
+    pool.server = srv
+    srv.app.middlewares.append(http_api.make_middleware(queue))
+    http_api.add_routes(srv.routes, queue)
+    ext = Extension(settings, pool, patchset, version)
+    srv.app[EXTENSION_KEY] = ext
+    pool.start_hooks.append(lambda _server: _verify_in_place(ext))
+
+    logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); DynamicVRAM off; %d patches applied: %s%s",
+                version, len(pool), ", ".join(settings.devices), settings.reason, len(applied),
+                ", ".join(applied), f"; left out on request: {', '.join(sorted(skipped))}" if skipped else "")
+    return ext
+
+
+def _verify_in_place(ext: Extension) -> None:
+    """After custom nodes loaded and hook_breaker restored its functions: are our patches still there?"""
+    missing = ext.patches.not_in_place()
+    if missing:
+        logger.error("comfy-multigpu: patches replaced by something else after start-up: %s. "
+                     "Another custom node overrides the same ComfyUI functions.", ", ".join(missing))
+    else:
+        logger.info("comfy-multigpu: all %d patches in place at worker start", len(ext.patches.applied))

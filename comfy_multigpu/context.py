@@ -1,0 +1,37 @@
+"""Context variables: which GPU worker the current code runs for, and which GPU an HTTP request targets.
+
+`current_worker` is set once at the start of each worker thread; asyncio tasks, `asyncio.to_thread`
+and ComfyUI's async_to_sync pool copy the context, so nodes' helper threads see the same worker.
+`current_request` is set by the HTTP middleware for the duration of one request.
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .worker import GpuWorker
+
+current_worker: contextvars.ContextVar[Optional["GpuWorker"]] = contextvars.ContextVar(
+    "comfy_multigpu_worker", default=None)
+
+
+@dataclass
+class RequestScope:
+    """Routing facts of one HTTP request: the GPU it targets (None = auto) and where a prompt went."""
+    target: Optional[int] = None
+    placed_gpu: Optional[int] = None
+
+
+current_request: contextvars.ContextVar[Optional[RequestScope]] = contextvars.ContextVar(
+    "comfy_multigpu_request", default=None)
+
+
+def worker() -> Optional["GpuWorker"]:
+    return current_worker.get()
+
+
+def request_target() -> Optional[int]:
+    scope = current_request.get()
+    return None if scope is None else scope.target

@@ -1,0 +1,74 @@
+"""Loaded-model bookkeeping safe for concurrent workers (comfy/model_management.py:619, 863-1061).
+
+One lock serialises every change to current_loaded_models; each worker records the LoadedModel
+entries it loaded; freeing memory never unloads a model another busy worker uses on the same
+device; unload_all_models inside a worker (/free, out-of-memory recovery, --disable-smart-memory)
+unloads that worker's device only.
+"""
+from __future__ import annotations
+
+import functools
+
+from ..context import current_worker
+
+
+def make_load_models_gpu(original, pool):
+    import comfy.model_management as mm
+
+    @functools.wraps(original)
+    def load_models_gpu(models, *args, **kwargs):
+        with pool.model_lock:
+            result = original(models, *args, **kwargs)
+            worker = current_worker.get()
+            if worker is not None:
+                wanted = {id(m) for m in models}
+                for loaded in mm.current_loaded_models:
+                    if id(loaded.model) in wanted:
+                        worker.note_loaded(loaded)
+            return result
+    return load_models_gpu
+
+
+def make_free_memory(original, pool):
+    @functools.wraps(original)
+    def free_memory(memory_required, device, keep_loaded=[], *args, **kwargs):
+        with pool.model_lock:
+            in_use = pool.models_in_use_by_others(current_worker.get(), device)
+            if in_use:
+                keep_loaded = list(keep_loaded) + [m for m in in_use if m not in keep_loaded]
+            return original(memory_required, device, keep_loaded, *args, **kwargs)
+    return free_memory
+
+
+def make_unload_all_models(original, pool):
+    import comfy.model_management as mm
+
+    @functools.wraps(original)
+    def unload_all_models():
+        worker = current_worker.get()
+        if worker is None:
+            return original()
+        return mm.free_memory(1e30, worker.device)
+    return unload_all_models
+
+
+def make_locked(original, pool):
+    """Any other reader or writer of current_loaded_models, run under the bookkeeping lock."""
+    @functools.wraps(original)
+    def locked(*args, **kwargs):
+        with pool.model_lock:
+            return original(*args, **kwargs)
+    return locked
+
+
+def make_cleanup_models(original, pool):
+    """cleanup_models also runs from weakref.finalize in any thread: never block there, skip if busy."""
+    @functools.wraps(original)
+    def cleanup_models():
+        if not pool.model_lock.acquire(blocking=False):
+            return None      # the holder changes the list; the next call drops dead entries
+        try:
+            return original()
+        finally:
+            pool.model_lock.release()
+    return cleanup_models

@@ -1,0 +1,36 @@
+"""Unique output file names across workers (folder_paths.get_save_image_path, folder_paths.py:520-566).
+
+The host numbers files from a directory listing, so two workers saving at once get the same
+counter. A worker now holds the (folder, name) it numbers until its node finishes writing
+(execution.execute returns), and another worker asking for the same name waits for that.
+"""
+from __future__ import annotations
+
+import functools
+
+from ..context import current_worker
+
+
+def make_get_save_image_path(original, pool):
+    @functools.wraps(original)
+    def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+        worker = current_worker.get()
+        if worker is None:
+            return original(filename_prefix, output_dir, image_width, image_height)
+        folder, filename = original(filename_prefix, output_dir, image_width, image_height)[:2]
+        pool.reserve_save_key(worker, (folder, filename))
+        # Counted again now that no other worker is writing files under this name.
+        return original(filename_prefix, output_dir, image_width, image_height)
+    return get_save_image_path
+
+
+def make_execute_node(original, pool):
+    @functools.wraps(original)
+    async def execute(*args, **kwargs):
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            worker = current_worker.get()
+            if worker is not None and worker.save_keys:
+                pool.release_save_keys(worker)
+    return execute

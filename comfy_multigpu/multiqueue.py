@@ -1,0 +1,181 @@
+"""MultiQueue: the object that replaces PromptServer.instance.prompt_queue (execution.PromptQueue).
+
+It offers the methods ComfyUI's routes call (server.py /prompt, /queue, /history, /free,
+/api/jobs*) over one pending heap per worker and one shared history. A method called inside an
+HTTP request that carries X-TARGET-GPU acts on that GPU; without it, on all GPUs (merged views).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, List, Literal, NamedTuple, Optional
+
+from . import routing
+from .context import current_request, request_target
+from .pool import WorkerPool
+
+
+class MultiQueue:
+    class ExecutionStatus(NamedTuple):   # same shape as execution.PromptQueue.ExecutionStatus
+        status_str: Literal["success", "error"]
+        completed: bool
+        messages: List[str]
+
+    def __init__(self, pool: WorkerPool, server):
+        self.pool = pool
+        self.server = server
+        self.mutex = pool.mutex
+
+    def _scope_workers(self):
+        target = request_target()
+        if target is None:
+            return self.pool.workers
+        return [self.pool.workers[target]]
+
+    # ---- placement -------------------------------------------------------------------------
+    def loads(self) -> list[routing.WorkerLoad]:
+        with self.mutex:
+            return [routing.WorkerLoad(w.gpu_id, not w.down, len(w.running), len(w.pending))
+                    for w in self.pool.workers]
+
+    def put(self, item: tuple) -> int:
+        """Queue a stock 6-tuple on the request's target GPU, or the least loaded one; returns the GPU."""
+        scope = current_request.get()
+        with self.mutex:
+            gpu = scope.target if scope is not None and scope.target is not None else None
+            if gpu is None:
+                gpu = routing.choose_least_loaded(self.loads())
+            if gpu is None:   # no worker is up: keep the prompt, the first worker takes it when up
+                gpu = 0
+            self.pool.workers[gpu].push(item)
+            if scope is not None:
+                scope.placed_gpu = gpu
+        self.server.queue_updated()
+        return gpu
+
+    # ---- views -----------------------------------------------------------------------------
+    def get_current_queue(self):
+        with self.mutex:
+            running, pending = self.get_current_queue_volatile()
+            return running, copy.deepcopy(pending)
+
+    def get_current_queue_volatile(self):
+        with self.mutex:
+            running, pending = [], []
+            for w in self._scope_workers():
+                running.extend(w.running.values())
+                pending.extend(w.pending)
+            pending.sort(key=lambda item: (item[0], item[1]))
+            return running, pending
+
+    def get_tasks_remaining(self) -> int:
+        with self.mutex:
+            return sum(len(w.pending) + len(w.running) for w in self._scope_workers())
+
+    def tasks_remaining_of(self, gpu_id: int) -> int:
+        with self.mutex:
+            w = self.pool.workers[gpu_id]
+            return len(w.pending) + len(w.running)
+
+    # ---- changes ---------------------------------------------------------------------------
+    def wipe_queue(self) -> None:
+        with self.mutex:
+            for w in self._scope_workers():
+                w.pending.clear()
+        self.server.queue_updated()
+
+    def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
+        """Delete the first pending item `function` accepts, in whichever GPU's queue holds it."""
+        import heapq
+        with self.mutex:
+            hit = next(((w, i) for w in self.pool.workers for i, item in enumerate(w.pending)
+                        if function(item)), None)
+            if hit is None:
+                return False
+            worker, index = hit
+            worker.pending.pop(index)
+            heapq.heapify(worker.pending)
+        self.server.queue_updated()
+        return True
+
+    def interrupt_if_running(self, prompt_id: str) -> bool:
+        """Interrupt only the worker running `prompt_id`, atomically with respect to task_done."""
+        with self.mutex:
+            worker = self.pool.find_running(prompt_id)
+            if worker is None:
+                return False
+            worker.set_interrupt(True)
+            return True
+
+    def interrupt_scope(self) -> list[int]:
+        """Interrupt the request's GPU, or every busy GPU; returns the GPUs interrupted."""
+        with self.mutex:
+            hit = [w for w in self._scope_workers() if w.busy]
+            for w in hit:
+                w.set_interrupt(True)
+            return [w.gpu_id for w in hit]
+
+    def set_flag(self, name: str, data) -> None:
+        with self.mutex:
+            for w in self._scope_workers():
+                w.flags[name] = data
+                w.cond.notify()
+
+    def get_flags(self, reset: bool = True) -> dict:
+        """Merged flags of the scoped workers (each worker consumes its own in its loop)."""
+        with self.mutex:
+            merged = {}
+            for w in self._scope_workers():
+                merged.update(w.flags)
+                if reset:
+                    w.flags = {}
+            return merged
+
+    # ---- history (global) -----------------------------------------------------------------
+    def get_history(self, prompt_id=None, max_items=None, offset=-1, map_function=None):
+        """Same contract as execution.PromptQueue.get_history; entries carry "gpu_id"."""
+        history = self.pool.history
+        with self.mutex:
+            if prompt_id is None:
+                out = {}
+                if offset < 0 and max_items is not None:
+                    offset = len(history) - max_items
+                for i, k in enumerate(history):
+                    if i >= offset:
+                        p = history[k]
+                        out[k] = map_function(p) if map_function is not None else p
+                        if max_items is not None and len(out) >= max_items:
+                            break
+                return out
+            if prompt_id in history:
+                p = history[prompt_id]
+                return {prompt_id: map_function(p) if map_function is not None else copy.deepcopy(p)}
+            return {}
+
+    def wipe_history(self) -> None:
+        with self.mutex:
+            self.pool.history.clear()
+
+    def delete_history_item(self, id_to_delete) -> None:
+        with self.mutex:
+            self.pool.history.pop(id_to_delete, None)
+
+    # ---- /queue/all ------------------------------------------------------------------------
+    def all_queues(self, counts_only: bool) -> dict:
+        with self.mutex:
+            queues = []
+            for w in self.pool.workers:
+                entry = w.snapshot()
+                if not counts_only:
+                    entry["queue_running"] = [item[:5] for item in w.running.values()]
+                    entry["queue_pending"] = [item[:5] for item in sorted(w.pending)]
+                queues.append(entry)
+        return {"queues": queues,
+                "total_running": sum(q["running_count"] for q in queues),
+                "total_pending": sum(q["pending_count"] for q in queues)}
+
+
+def make_multiqueue(original, pool):
+    """Factory for the manifest: replaces the stock PromptQueue (which must still be empty)."""
+    if original.get_tasks_remaining():
+        raise RuntimeError("the stock prompt queue already holds prompts; cannot swap it")
+    return MultiQueue(pool, original.server)

@@ -1,0 +1,216 @@
+"""The worker pool: owns every GpuWorker, the shared history, and the one housekeeping thread.
+
+Host objects touched: execution.PromptExecutor / CacheType (built per worker as main.py:378-398
+does), gc + comfy.model_management.soft_empty_cache (once for all workers, main.py:462-473),
+hook_breaker_ac10a0.restore_functions, the asset seeder (pause while any worker runs).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import threading
+import time
+from typing import Any, Iterable, Optional
+
+from .worker import GpuWorker
+
+logger = logging.getLogger("comfy_multigpu")
+
+MAXIMUM_HISTORY_SIZE = 10000      # execution.py MAXIMUM_HISTORY_SIZE
+GC_INTERVAL_S = 10.0              # main.py gc_collect_interval
+SAVE_WAIT_S = 120.0               # longest wait for another worker's output-file numbering
+
+
+def executor_cache_settings(args, total_ram_mb: float):
+    """The cache type and cache_args main.py's prompt_worker builds (main.py:379-398 of 0.33.0)."""
+    import execution
+    cache_ram = 0
+    cache_ram_inactive = 0
+    if not args.cache_classic and not args.cache_none and args.cache_lru <= 0:
+        cache_ram = min(10.0, max(2.0, total_ram_mb * 0.10 / 1024.0))
+        cache_ram_inactive = min(128.0, total_ram_mb / 1024.0)
+        if len(args.cache_ram) > 0:
+            cache_ram = args.cache_ram[0]
+        if len(args.cache_ram) > 1:
+            cache_ram_inactive = args.cache_ram[1]
+    cache_type = execution.CacheType.RAM_PRESSURE
+    if args.cache_classic:
+        cache_type = execution.CacheType.CLASSIC
+    elif args.cache_lru > 0:
+        cache_type = execution.CacheType.LRU
+    elif args.cache_none:
+        cache_type = execution.CacheType.NONE
+    return cache_type, {"lru": args.cache_lru, "ram": cache_ram, "ram_inactive": cache_ram_inactive}
+
+
+class WorkerPool:
+    def __init__(self, devices: Iterable[tuple[Any, str]]):
+        self.mutex = threading.RLock()
+        self.workers = [GpuWorker(self, i, dev, label) for i, (dev, label) in enumerate(devices)]
+        self.history: dict[str, dict] = {}
+        self.task_counter = 0
+        self.stopping = False
+        self.server = None
+        self._gc_cond = threading.Condition(threading.Lock())
+        self._gc_wanted = False
+        self._save_cond = threading.Condition(threading.Lock())
+        self._save_owner: dict[tuple, GpuWorker] = {}
+        self.socket_targets: dict[str, int] = {}   # WebSocket sid -> GPU it was opened for
+        self.model_lock = threading.RLock()        # guards comfy.model_management.current_loaded_models
+        self.start_hooks: list = []                # run once, in launch(), before workers start
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def new_executor(self, server):
+        import execution
+        import comfy.model_management
+        from comfy.cli_args import args
+        cache_type, cache_args = executor_cache_settings(args, comfy.model_management.total_ram)
+        return execution.PromptExecutor(server, cache_type=cache_type, cache_args=cache_args)
+
+    def launch(self, server) -> None:
+        """Called from the thread ComfyUI starts for prompt_worker: hooks, then the workers."""
+        for hook in self.start_hooks:
+            hook(server)
+        self.start(server)
+
+    def start(self, server, timeout: float = 60.0) -> None:
+        self.server = server
+        for w in self.workers:
+            w.start(server)
+        for w in self.workers:
+            if not w.started.wait(timeout):
+                logger.error("[GPU %s] Worker did not start within %.0f s", w.gpu_id, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.mutex:
+            self.stopping = True
+            for w in self.workers:
+                w.cond.notify_all()
+        for w in self.workers:
+            if w.thread is not None:
+                w.thread.join(timeout)
+
+    # ---- queue mechanics (placement policy lives in routing.py) -------------------------------
+    def take_next(self, worker: GpuWorker) -> tuple[tuple, int]:
+        import heapq
+        with self.mutex:
+            item = heapq.heappop(worker.pending)
+            item_id = self.task_counter
+            self.task_counter += 1
+            worker.running[item_id] = copy.deepcopy(item)
+        self._queue_updated()
+        return item, item_id
+
+    def task_done(self, worker: GpuWorker, item_id: int, history_result: dict, status) -> None:
+        with self.mutex:
+            prompt = worker.running.pop(item_id)
+            prompt = prompt[:5] + prompt[6:]          # drop sensitive extra data, as main.py does
+            if len(self.history) > MAXIMUM_HISTORY_SIZE:
+                self.history.pop(next(iter(self.history)))
+            entry = {"prompt": prompt, "outputs": {}, "status": copy.deepcopy(status._asdict())}
+            entry.update(history_result)
+            entry["gpu_id"] = worker.gpu_id
+            self.history[prompt[1]] = entry
+            if status.completed:
+                worker.prompts_done += 1
+            else:
+                worker.prompts_failed += 1
+        self._queue_updated()
+
+    def _queue_updated(self) -> None:
+        if self.server is not None:
+            self.server.queue_updated()
+
+    def find_running(self, prompt_id: str) -> Optional[GpuWorker]:
+        with self.mutex:
+            for w in self.workers:
+                if any(item[1] == prompt_id for item in w.running.values()):
+                    return w
+        return None
+
+    # ---- asset seeder and periodic GC (main.py:420-473, once for all workers) -----------------
+    def prompt_started(self, worker: GpuWorker) -> None:
+        from app.assets.seeder import asset_seeder
+        asset_seeder.pause()
+
+    def prompt_finished(self, worker: GpuWorker, history_result: dict, prompt_id: str) -> None:
+        from app.assets.seeder import asset_seeder
+        if not asset_seeder.is_disabled():
+            import sys
+            from app.assets.services import register_output_files
+            collect = getattr(sys.modules.get("__main__"), "_collect_output_absolute_paths", None)
+            if collect is not None:
+                register_output_files(collect(history_result), job_id=prompt_id)
+        self.request_gc()
+
+    def request_gc(self) -> None:
+        with self._gc_cond:
+            self._gc_wanted = True
+            self._gc_cond.notify()
+
+    def run_housekeeping(self) -> None:
+        """Runs in the thread ComfyUI starts for prompt_worker: GC and cache emptying, once for all."""
+        import comfy.model_management
+        import hook_breaker_ac10a0
+        from app.assets.seeder import asset_seeder
+        from comfy.cli_args import args
+        last = 0.0
+        while not self.stopping:
+            with self._gc_cond:
+                while not self._gc_wanted and not self.stopping:
+                    self._gc_cond.wait(timeout=1.0)
+            wait = GC_INTERVAL_S - (time.perf_counter() - last)
+            if wait > 0:
+                time.sleep(min(wait, GC_INTERVAL_S))
+                continue
+            with self._gc_cond:
+                self._gc_wanted = False
+            gc.collect()
+            comfy.model_management.soft_empty_cache()
+            last = time.perf_counter()
+            hook_breaker_ac10a0.restore_functions()
+            with self.mutex:
+                idle = not any(w.busy or w.pending for w in self.workers)
+            if idle:
+                if not asset_seeder.is_disabled():
+                    asset_seeder.enqueue_enrich(roots=("output",), compute_hashes=args.enable_asset_hashing)
+                asset_seeder.resume()
+
+    # ---- output file numbering (folder_paths.get_save_image_path) -----------------------------
+    def reserve_save_key(self, worker: GpuWorker, key: tuple) -> None:
+        """Wait until no other worker is numbering files under `key`, then hold it until node end."""
+        deadline = time.monotonic() + SAVE_WAIT_S
+        with self._save_cond:
+            while self._save_owner.get(key, worker) is not worker:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    worker.log.warning("Waited %.0f s for output name %s; numbering without the lock",
+                                       SAVE_WAIT_S, key)
+                    return
+                self._save_cond.wait(left)
+            self._save_owner[key] = worker
+            worker.save_keys.add(key)
+
+    def release_save_keys(self, worker: GpuWorker) -> None:
+        with self._save_cond:
+            for key in worker.save_keys:
+                if self._save_owner.get(key) is worker:
+                    del self._save_owner[key]
+            worker.save_keys.clear()
+            self._save_cond.notify_all()
+
+    # ---- loaded-model ownership --------------------------------------------------------------
+    def models_in_use_by_others(self, worker: Optional[GpuWorker], device) -> list:
+        """LoadedModel entries that busy workers other than `worker` hold on `device`."""
+        # No pool.mutex here: this runs under model_lock, and weakref finalizers may take
+        # model_lock in a thread that holds pool.mutex. Reading `running` is atomic in CPython.
+        keep = []
+        for other in self.workers:
+            if other is worker or not other.busy or (device is not None and other.device != device):
+                continue
+            keep.extend(other.loaded_models())
+        return keep

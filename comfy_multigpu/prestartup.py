@@ -1,0 +1,31 @@
+"""Before torch is imported: switch DynamicVRAM off when multi-GPU workers will run.
+
+Host objects touched: comfy.cli_args.args.disable_dynamic_vram / enable_dynamic_vram, read by
+enables_dynamic_vram() at call time (cli_args.py:312-315, main.py:291) after prestartup scripts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+from .config import ConfigError, resolve_settings, cuda_count_without_torch
+
+logger = logging.getLogger("comfy_multigpu")
+
+
+def run(env: Mapping[str, str] = os.environ) -> None:
+    from comfy.cli_args import args
+    try:
+        settings = resolve_settings(env, cuda_count_without_torch(env), bool(args.cpu))
+    except ConfigError:
+        return          # activation reports configuration errors once, with the real device count
+    if not settings.enabled:
+        return
+    if args.enable_dynamic_vram:
+        logger.warning("comfy-multigpu: --enable-dynamic-vram ignored: DynamicVRAM is not safe with "
+                       "concurrent per-GPU workers")
+    args.enable_dynamic_vram = False
+    args.disable_dynamic_vram = True
+    logger.info("comfy-multigpu: DynamicVRAM switched off for %d concurrent workers (%s)",
+                len(settings.devices), ", ".join(settings.devices))

@@ -1,0 +1,175 @@
+"""One GPU worker: its pending heap, running prompt, thread, executor, device and per-prompt host state.
+
+Host objects touched: execution.PromptExecutor (one per worker), the PromptServer (send_sync),
+comfy.model_management (unload on /free), the asset seeder (main.py:420-473 equivalents).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+from .context import current_worker
+
+if TYPE_CHECKING:
+    from .pool import WorkerPool
+
+logger = logging.getLogger("comfy_multigpu")
+
+
+class WorkerLog(logging.LoggerAdapter):
+    """Prefixes every line with the worker's GPU id: "[GPU 1] ..."."""
+
+    def process(self, msg, kwargs):
+        return f"[GPU {self.extra['gpu_id']}] {msg}", kwargs
+
+
+class GpuWorker:
+    """All state of one GPU. The pool's mutex guards `pending`, `running` and `flags`."""
+
+    def __init__(self, pool: "WorkerPool", gpu_id: int, device: Any, label: str):
+        self.pool = pool
+        self.gpu_id = gpu_id
+        self.device = device          # torch.device the worker's models and tensors live on
+        self.label = label            # "cuda:1" / "cpu", as configured
+        self.log = WorkerLog(logger, {"gpu_id": gpu_id})
+        self.cond = threading.Condition(pool.mutex)
+        self.pending: list[tuple] = []          # heap of stock 6-tuples
+        self.running: dict[int, tuple] = {}     # item_id -> stock 6-tuple
+        self.flags: dict[str, Any] = {}
+        self.up = False
+        self.thread: Optional[threading.Thread] = None
+        self.started = threading.Event()
+        # Per-prompt host state that ComfyUI keeps in process globals (see patches/manifest.toml).
+        self.attrs: dict[str, Any] = {"client_id": None, "last_node_id": None, "last_prompt_id": None}
+        self.interrupt_lock = threading.Lock()
+        self.interrupted = False
+        self.progress_registry = None
+        self.graph_prefix = ["", 0, 0]          # GraphBuilder root, call index, graph index
+        self.ram_release_callback = None
+        self.ram_headroom = 0
+        self._loaded: dict[int, weakref.ref] = {}   # LoadedModel has __eq__ but no __hash__
+        self.save_keys: set = set()
+        self.prompts_done = 0
+        self.prompts_failed = 0
+
+    # ---- queue side (called with pool.mutex held) -------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    @property
+    def down(self) -> bool:
+        """Started once and no longer running (a worker still starting up is not down)."""
+        return self.started.is_set() and not self.up
+
+    def push(self, item: tuple) -> None:
+        heapq.heappush(self.pending, item)
+        self.cond.notify()
+
+    # ---- models this worker loaded ------------------------------------------------------------
+    def note_loaded(self, loaded_model) -> None:
+        self._loaded[id(loaded_model)] = weakref.ref(loaded_model)
+
+    def loaded_models(self) -> list:
+        live = []
+        for key, ref in list(self._loaded.items()):
+            obj = ref()
+            if obj is None:
+                self._loaded.pop(key, None)
+            else:
+                live.append(obj)
+        return live
+
+    # ---- interrupt flag --------------------------------------------------------------------
+    def set_interrupt(self, value: bool = True) -> None:
+        with self.interrupt_lock:
+            self.interrupted = value
+
+    def take_interrupt(self) -> bool:
+        """True once if an interrupt was requested; clears it (stock throw_exception_if_... semantics)."""
+        with self.interrupt_lock:
+            was = self.interrupted
+            self.interrupted = False
+            return was
+
+    # ---- thread ----------------------------------------------------------------------------
+    def start(self, server) -> None:
+        self.thread = threading.Thread(target=self._run, args=(server,), daemon=True,
+                                       name=f"comfy-multigpu-gpu{self.gpu_id}")
+        self.thread.start()
+
+    def _run(self, server) -> None:
+        current_worker.set(self)
+        if getattr(self.device, "type", "cpu") == "cuda":
+            import torch
+            torch.cuda.set_device(self.device)
+        executor = self.pool.new_executor(server)
+        self.up = True
+        self.log.info("Worker started on %s", self.label)
+        self.started.set()
+        while True:
+            with self.cond:
+                while not self.pending and not self.flags and not self.pool.stopping:
+                    self.cond.wait()
+                if self.pool.stopping:
+                    break
+                job = self.pool.take_next(self) if self.pending else None
+            if job is not None:
+                self._execute(executor, server, *job)
+            with self.cond:
+                flags, self.flags = self.flags, {}
+            if flags:
+                self._apply_flags(executor, flags)
+        self.up = False
+        self.log.info("Worker stopped")
+
+    def _execute(self, executor, server, item: tuple, item_id: int) -> None:
+        import execution
+        prompt_id = item[1]
+        server.last_prompt_id = prompt_id
+        extra_data = item[3].copy()
+        extra_data.update(item[5])       # sensitive extra data, merged as main.py does
+        self.pool.prompt_started(self)
+        started = time.perf_counter()
+        executor.history_result = {"outputs": {}, "meta": {}}
+        try:
+            executor.execute(item[2], prompt_id, extra_data, item[4])
+            success, messages = executor.success, executor.status_messages
+        except Exception as ex:  # raised outside ComfyUI's per-node handling
+            self.log.exception("Prompt %s failed outside node execution", prompt_id)
+            success = False
+            messages = executor.status_messages + [("execution_error", {
+                "prompt_id": prompt_id, "exception_message": f"{type(ex).__name__}: {ex}",
+                "exception_type": type(ex).__name__, "timestamp": int(time.time() * 1000)})]
+        finally:
+            self.pool.release_save_keys(self)
+        status = execution.PromptQueue.ExecutionStatus(
+            status_str="success" if success else "error", completed=success, messages=messages)
+        self.pool.task_done(self, item_id, executor.history_result, status)
+        if server.client_id is not None:
+            server.send_sync("executing", {"node": None, "prompt_id": prompt_id}, server.client_id)
+        elapsed = time.perf_counter() - started
+        self.log.info("Prompt %s executed in %.2f seconds (%s)", prompt_id, elapsed,
+                      "success" if success else "error")
+        self.pool.prompt_finished(self, executor.history_result, prompt_id)
+
+    def _apply_flags(self, executor, flags: dict) -> None:
+        """/free for this worker: unload this device's models and/or reset this executor's caches."""
+        import comfy.model_management
+        free_memory = flags.get("free_memory", False)
+        if flags.get("unload_models", free_memory):
+            comfy.model_management.unload_all_models()   # patched: this worker's device only
+            self.log.info("Unloaded models (/free)")
+        if free_memory:
+            executor.reset()
+            self.log.info("Reset node caches (/free)")
+        self.pool.request_gc()
+
+    def snapshot(self) -> dict:
+        """Counts for /queue/all and placement (pool.mutex held by the caller)."""
+        return {"gpu_id": self.gpu_id, "device": self.label, "up": not self.down,
+                "running_count": len(self.running), "pending_count": len(self.pending)}

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Prepare everything comfy-multigpu needs on a fresh machine (stdlib only; run with python3 >= 3.10).
+
+1. ComfyUI: $COMFYUI_DIR if set (an existing checkout, never modified except for the link in
+   custom_nodes/), else the cache's pinned copy, else a clone of $COMFYUI_REPO at the pinned commit.
+2. A virtualenv in the cache with torch 2.11.0 / torchvision 0.26.0 / torchaudio 2.11.0, the host's
+   requirements.txt and ours (plus test requirements with --with-tests); rebuilt only when inputs change.
+3. The extension linked into ComfyUI's custom_nodes/ as comfy-multigpu.
+Prints shell assignments (COMFYUI_DIR, VENV_PYTHON, CACHE_DIR) for scripts to eval.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+PINNED_COMMIT = "783545f689a0af730065994b46b382ae24844c99"
+DEFAULT_REPO = "https://github.com/comfyanonymous/ComfyUI"
+TORCH_PINS = ["torch==2.11.0", "torchvision==0.26.0", "torchaudio==2.11.0"]
+ROOT = Path(__file__).resolve().parent.parent
+LINK_NAME = "comfy-multigpu"
+
+
+def fail(message: str) -> "NoReturn":
+    print(f"comfy-multigpu setup: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def log(message: str) -> None:
+    print(f"comfy-multigpu setup: {message}", file=sys.stderr)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("COMFY_MULTIGPU_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "comfy-multigpu"
+
+
+def is_comfyui(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "comfyui_version.py").is_file()
+
+
+def find_comfyui(cache: Path) -> Path:
+    given = os.environ.get("COMFYUI_DIR")
+    if given:
+        path = Path(given).expanduser().resolve()
+        if not is_comfyui(path):
+            fail(f"COMFYUI_DIR={given} is not a ComfyUI checkout (no main.py / comfyui_version.py)")
+        return path
+    cached = cache / f"comfyui-{PINNED_COMMIT}"
+    if is_comfyui(cached):
+        return cached
+    repo = os.environ.get("COMFYUI_REPO", DEFAULT_REPO)
+    log(f"cloning ComfyUI {PINNED_COMMIT[:7]} from {repo} into {cached}")
+    tmp = cached.with_name(cached.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        subprocess.run(["git", "init", "-q", str(tmp)], check=True)
+        subprocess.run(["git", "-C", str(tmp), "fetch", "-q", "--depth", "1", repo, PINNED_COMMIT],
+                       check=True, timeout=900)
+        subprocess.run(["git", "-C", str(tmp), "checkout", "-q", "FETCH_HEAD"], check=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as ex:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"no ComfyUI found and cloning {repo} failed ({ex}).\n"
+             f"  Set COMFYUI_DIR to an existing ComfyUI checkout, or COMFYUI_REPO to a reachable clone\n"
+             f"  URL, or place the pinned tree (commit {PINNED_COMMIT}) at {cached}\n"
+             f"  (docs/development.md: how to bring it onto a machine without GitHub access).")
+    tmp.rename(cached)
+    return cached
+
+
+def requirement_files(comfyui: Path, with_tests: bool) -> list[Path]:
+    files = [comfyui / "requirements.txt", ROOT / "requirements.txt"]
+    if with_tests:
+        files.append(ROOT / "requirements-test.txt")
+    return files
+
+
+def ensure_venv(cache: Path, comfyui: Path, with_tests: bool) -> Path:
+    files = requirement_files(comfyui, with_tests)
+    digest = hashlib.sha256()
+    digest.update(" ".join(TORCH_PINS).encode())
+    digest.update(sys.version.split()[0].encode())
+    for f in files:
+        digest.update(f.read_bytes())
+    key = digest.hexdigest()[:16]
+    env_dir = cache / f"venv-py{sys.version_info.major}{sys.version_info.minor}"
+    stamp = env_dir / ".comfy-multigpu-stamp"
+    python = env_dir / "bin" / "python"
+    if python.exists() and stamp.exists() and stamp.read_text().strip() == key:
+        return python
+    log(f"preparing the virtualenv {env_dir} (torch {TORCH_PINS[0].split('==')[1]}; a few minutes once)")
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True).create(env_dir)
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + TORCH_PINS, check=True)
+    # The torch pins are repeated so that the host's unpinned "torch" cannot pull a newer build.
+    for f in files:
+        subprocess.run(pip + ["-r", str(f)] + TORCH_PINS, check=True)
+    stamp.write_text(key + "\n")
+    return python
+
+
+def link_extension(comfyui: Path) -> None:
+    custom = comfyui / "custom_nodes"
+    custom.mkdir(exist_ok=True)
+    link = custom / LINK_NAME
+    if link.is_symlink():
+        if link.resolve() == ROOT:
+            return
+        link.unlink()
+    elif link.exists():
+        fail(f"{link} exists and is not our link; move it away or set COMFYUI_DIR to another checkout")
+    link.symlink_to(ROOT, target_is_directory=True)
+    log(f"linked {link} -> {ROOT}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--with-tests", action="store_true", help="also install test requirements")
+    parser.add_argument("--no-link", action="store_true", help="do not link into custom_nodes/")
+    opts = parser.parse_args()
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    comfyui = find_comfyui(cache)
+    python = ensure_venv(cache, comfyui, opts.with_tests)
+    if not opts.no_link:
+        link_extension(comfyui)
+    print(f"COMFYUI_DIR='{comfyui}'")
+    print(f"VENV_PYTHON='{python}'")
+    print(f"CACHE_DIR='{cache}'")
+
+
+if __name__ == "__main__":
+    main()
