@@ -1,0 +1,107 @@
+"""Session fixtures: the pinned ComfyUI (fails loudly when absent), the generated tiny checkpoint,
+and real ComfyUI servers (stock, and with the extension on 2 and 4 CPU workers)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers.comfy_server import ComfyServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PINNED_COMMIT = "783545f689a0af730065994b46b382ae24844c99"
+
+# Patches whose absence the isolation tests must be able to see (tests/test_isolation.py).
+ISOLATION_PATCHES = ",".join([
+    "server-per-worker-attributes", "args-per-worker-preview-method", "interrupt-set", "interrupt-read",
+    "interrupt-throw", "interrupt-read-copy-api-nodes", "interrupt-throw-copy-remesh", "progress-get",
+    "progress-reset", "progress-get-copy-execution", "progress-reset-copy-execution",
+    "progress-get-copy-main", "progress-get-copy-api", "graph-prefix-set", "graph-prefix-alloc",
+    "seed-private-generator", "models-load", "models-free", "models-unload-all", "models-cleanup",
+    "models-cleanup-gc", "models-unload-clones", "models-list", "outputs-numbering", "outputs-node-end",
+    "ram-release-set", "ram-release-run", "device-current", "device-all"])
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("COMFY_MULTIGPU_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "comfy-multigpu"
+
+
+def find_comfyui() -> Path:
+    given = os.environ.get("COMFYUI_DIR")
+    path = Path(given) if given else cache_dir() / f"comfyui-{PINNED_COMMIT}"
+    if not (path / "main.py").is_file():
+        pytest.exit(f"The pinned ComfyUI was not found at {path}. Run scripts/run_tests.sh (it prepares "
+                    f"it), or set COMFYUI_DIR to a ComfyUI checkout at commit {PINNED_COMMIT}.", returncode=3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir() -> Path:
+    return find_comfyui()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(comfyui_dir) -> Path:
+    """The tiny SD1.5-shaped checkpoint and LoRA, generated once per script version into the cache."""
+    script = REPO / "tests" / "fixtures" / "make_tiny_checkpoint.py"
+    key = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
+    out = cache_dir() / "fixtures" / key
+    if not (out / "tiny-sd15.safetensors").exists():
+        subprocess.run([sys.executable, str(script), str(comfyui_dir), str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+class Servers:
+    def __init__(self, comfyui_dir: Path, fixtures: Path, tmp_factory):
+        self.comfyui_dir = comfyui_dir
+        self.fixtures = fixtures
+        self.tmp_factory = tmp_factory
+        self.started: list[ComfyServer] = []
+
+    def start(self, name: str, **kw) -> ComfyServer:
+        server = ComfyServer(self.comfyui_dir, self.tmp_factory.mktemp(name), fixtures=self.fixtures, **kw)
+        self.started.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        for s in self.started:
+            s.stop()
+
+
+@pytest.fixture(scope="session")
+def servers(comfyui_dir, fixtures_dir, tmp_path_factory):
+    registry = Servers(comfyui_dir, fixtures_dir, tmp_path_factory)
+    yield registry
+    registry.stop_all()
+
+
+@pytest.fixture(scope="session")
+def multi2(servers) -> ComfyServer:
+    return servers.start("multi2", workers=2)
+
+
+@pytest.fixture(scope="session")
+def multi4(servers) -> ComfyServer:
+    return servers.start("multi4", workers=4)
+
+
+@pytest.fixture(scope="session")
+def stock(servers) -> ComfyServer:
+    """Stock ComfyUI: the extension is installed but switched off (it must change nothing)."""
+    return servers.start("stock", workers=None, env={"COMFY_MULTI_GPU_SCHED": "0"})
+
+
+@pytest.fixture(scope="session")
+def unpatched2(servers) -> ComfyServer:
+    """Two workers with every isolation patch left out: what the isolation tests guard against."""
+    return servers.start("unpatched2", workers=2, env={"COMFY_MULTIGPU_DISABLE_PATCHES": ISOLATION_PATCHES})

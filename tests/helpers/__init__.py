@@ -1,0 +1,1 @@
+"""Helpers shared by the test suite: a real-ComfyUI launcher/client and workflow builders."""

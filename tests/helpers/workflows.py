@@ -1,0 +1,62 @@
+"""Workflow (API format) builders used by the tests; node ids are parameters so that two prompts
+running side by side can use disjoint ids (which makes cross-talk visible)."""
+from __future__ import annotations
+
+CHECKPOINT = "tiny-sd15.safetensors"
+LORA = "tiny-sd15-lora.safetensors"
+
+
+def sleep(seconds: float, value: int = 0, node: str = "1") -> dict:
+    return {node: {"class_type": "MGSleep", "inputs": {"seconds": seconds, "value": value}}}
+
+
+def save_batch(prefix: str, color: int, batch: int = 4, base: int = 1) -> dict:
+    a, b = str(base), str(base + 1)
+    return {a: {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": batch, "color": color}},
+            b: {"class_type": "SaveImage", "inputs": {"images": [a, 0], "filename_prefix": prefix}}}
+
+
+def noise(seed: int, rounds: int = 10, node: str = "1") -> dict:
+    return {node: {"class_type": "MGNoise", "inputs": {"seed": seed, "rounds": rounds}}}
+
+
+def probe(tag: str = "") -> dict:
+    return {"1": {"class_type": "MGProbe", "inputs": {"tag": tag}}}
+
+
+def preview_method(seconds: float) -> dict:
+    return {"1": {"class_type": "MGPreviewMethod", "inputs": {"seconds": seconds}}}
+
+
+def expand(value: int, count: int, delay: float, base: int = 1) -> dict:
+    a, b = str(base), str(base + 1)
+    return {a: {"class_type": "MGExpand", "inputs": {"value": value, "count": count, "delay": delay}},
+            b: {"class_type": "MGShow", "inputs": {"value": [a, 0]}}}
+
+
+def txt2img(seed: int, prefix: str = "t2i", steps: int = 4, size: int = 64, lora: float = 0.0) -> dict:
+    wf = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+          "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube", "clip": ["1", 1]}},
+          "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+          "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+          "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                     "latent_image": ["4", 0], "seed": seed, "steps": steps,
+                                                     "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                                                     "denoise": 1.0}},
+          "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+          "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}}}
+    if lora:
+        wf["8"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": LORA,
+                                                                   "strength_model": lora}}
+        wf["5"]["inputs"]["model"] = ["8", 0]
+    return wf
+
+
+def hold_model(seconds: float) -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+            "2": {"class_type": "MGHoldModel", "inputs": {"model": ["1", 0], "seconds": seconds}}}
+
+
+def ui(entry: dict, node: str, key: str):
+    """The first value a node reported under `key` in a history entry."""
+    return entry["outputs"][node][key][0]

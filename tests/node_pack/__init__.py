@@ -1,0 +1,203 @@
+"""Test nodes for comfy-multigpu's suite: timed sleeps that honour interrupts, probes of the worker's
+device and thread, seeded noise, graph expansion, and per-prompt settings. They work on stock ComfyUI
+too (the probes then report no worker), so the same workflows run against both.
+"""
+import asyncio
+import hashlib
+import threading
+import time
+
+import comfy.model_management
+import comfy.utils
+from comfy_execution.graph_utils import GraphBuilder
+
+
+def _worker_id():
+    try:
+        from comfy_multigpu.context import worker
+    except ImportError:
+        return None
+    w = worker()
+    return None if w is None else w.gpu_id
+
+
+def _device_facts():
+    device = comfy.model_management.get_torch_device()
+    facts = {"gpu": _worker_id(), "device": str(device), "thread": threading.current_thread().name,
+             "all_devices": [str(d) for d in comfy.model_management.get_all_torch_devices()]}
+    try:
+        from comfy_multigpu.context import worker
+        w = worker()
+        facts["device_is_worker_device"] = w is not None and device is w.device
+    except ImportError:
+        facts["device_is_worker_device"] = None
+    return facts
+
+
+class AlwaysRun:
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+
+class MGSleep(AlwaysRun):
+    """Sleeps `seconds` in 10 ms slices with a progress bar, raising on interrupt; reports timestamps."""
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 600.0, "step": 0.01}),
+                             "value": ("INT", {"default": 0, "min": -2**31, "max": 2**31})}}
+
+    def run(self, seconds, value):
+        t0 = time.time()
+        steps = max(1, int(seconds / 0.01))
+        bar = comfy.utils.ProgressBar(steps)
+        for _ in range(steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            time.sleep(seconds / steps)
+            bar.update(1)
+        facts = _device_facts()
+        return {"ui": {"t0": [t0], "t1": [time.time()], "gpu": [facts["gpu"]], "value": [value]},
+                "result": (value,)}
+
+
+class MGProbe(AlwaysRun):
+    """Async node: reports the device / worker seen here and in a helper thread (asyncio.to_thread)."""
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {"default": ""})}}
+
+    async def run(self, tag):
+        here = _device_facts()
+        helper = await asyncio.to_thread(_device_facts)
+        return {"ui": {"here": [here], "helper": [helper], "tag": [tag]}}
+
+
+class MGNoise(AlwaysRun):
+    """Draws ComfyUI's seeded noise (comfy.sample.prepare_noise) `rounds` times; reports a hash of it."""
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1}),
+                             "rounds": ("INT", {"default": 10, "min": 1, "max": 10000})}}
+
+    def run(self, seed, rounds):
+        import torch
+        import comfy.sample
+        digest = hashlib.sha256()
+        latent = torch.zeros((1, 4, 32, 32))
+        for _ in range(rounds):
+            digest.update(comfy.sample.prepare_noise(latent, seed).numpy().tobytes())
+            time.sleep(0.001)
+        return {"ui": {"hash": [digest.hexdigest()], "seed": [seed]}}
+
+
+class MGPreviewMethod(AlwaysRun):
+    """Waits, then reports the preview method ComfyUI holds for the running prompt."""
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 60.0})}}
+
+    def run(self, seconds):
+        from comfy.cli_args import args
+        before = str(args.preview_method)
+        time.sleep(seconds)
+        return {"ui": {"before": [before], "after": [str(args.preview_method)]}}
+
+
+class MGAdd:
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0, "min": -2**31, "max": 2**31}),
+                             "add": ("INT", {"default": 1, "min": -2**31, "max": 2**31})}}
+
+    def run(self, value, add):
+        return (value + add,)
+
+
+class MGExpand(AlwaysRun):
+    """Graph expansion: a chain of `count` MGAdd nodes after a delay; reports the prefix it was given."""
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0, "min": -2**31, "max": 2**31}),
+                             "count": ("INT", {"default": 3, "min": 1, "max": 100}),
+                             "delay": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 10.0})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def run(self, value, count, delay, unique_id):
+        time.sleep(delay)     # widens the window in which another worker could move the default prefix
+        graph = GraphBuilder()
+        node = graph.node("MGAdd", value=value, add=1)
+        for _ in range(count - 1):
+            node = graph.node("MGAdd", value=node.out(0), add=1)
+        return {"ui": {"prefix": [graph.prefix], "unique_id": [unique_id]},
+                "result": (node.out(0),), "expand": graph.finalize()}
+
+
+class MGShow:
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"forceInput": True})}}
+
+    def run(self, value):
+        return {"ui": {"value": [value]}}
+
+
+class MGHoldModel(AlwaysRun):
+    """Loads a MODEL onto the worker's device and checks for `seconds` that it stays loaded."""
+    CATEGORY = "comfy_multigpu_test"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",),
+                             "seconds": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 60.0})}}
+
+    def run(self, model, seconds):
+        comfy.model_management.load_models_gpu([model])
+        loaded_all_along = True
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if not any(m is model for m in comfy.model_management.loaded_models()):
+                loaded_all_along = False
+            time.sleep(0.01)
+        return {"ui": {"stayed_loaded": [loaded_all_along]}}
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
+                       (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel)}
+NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -1,0 +1,61 @@
+"""Device resolution rules (comfy_multigpu.config): a table of environments and machines, no threads."""
+import pytest
+
+from comfy_multigpu.config import ConfigError, cuda_count_without_torch, resolve_settings
+
+CASES = [
+    # env, cuda visible, --cpu, enabled, devices
+    ({}, 0, False, False, ("cpu",)),
+    ({}, 1, False, False, ("cuda:0",)),
+    ({}, 4, False, True, ("cuda:0", "cuda:1", "cuda:2", "cuda:3")),
+    ({"COMFY_NUM_GPUS": "2"}, 0, False, True, ("cpu", "cpu")),
+    ({"COMFY_NUM_GPUS": "2"}, 4, False, True, ("cuda:0", "cuda:1")),
+    ({"COMFY_NUM_GPUS": "3"}, 4, True, True, ("cpu", "cpu", "cpu")),         # --cpu wins
+    ({"COMFY_NUM_GPUS": "1", "COMFY_MULTI_GPU_SCHED": "1"}, 0, False, True, ("cpu",)),
+    ({"COMFY_NUM_GPUS": "4", "COMFY_MULTI_GPU_SCHED": "0"}, 4, False, False, ()),
+    ({"COMFY_MULTI_GPU_SCHED": "off"}, 8, False, False, ()),
+    ({"COMFY_MULTIGPU_DEVICES": "cuda:0,cuda:0"}, 1, False, True, ("cuda:0", "cuda:0")),
+    ({"COMFY_MULTIGPU_DEVICES": "cpu, cpu"}, 2, False, True, ("cpu", "cpu")),
+    ({"COMFY_MULTIGPU_DEVICES": "cuda:1,cuda"}, 2, False, True, ("cuda:1", "cuda:0")),
+    ({"COMFY_MULTIGPU_DEVICES": "cuda:1", "COMFY_MULTI_GPU_SCHED": "auto"}, 2, False, False, ("cuda:1",)),
+]
+
+
+@pytest.mark.parametrize("env, cuda, cpu, enabled, devices", CASES)
+def test_resolution_table(env, cuda, cpu, enabled, devices):
+    s = resolve_settings(env, cuda, cpu)
+    assert (s.enabled, s.devices) == (enabled, devices)
+
+
+ERRORS = [
+    ({"COMFY_NUM_GPUS": "4"}, 2, False, "only 2 CUDA device"),               # never a silent smaller count
+    ({"COMFY_NUM_GPUS": "0"}, 2, False, "whole number"),
+    ({"COMFY_NUM_GPUS": "two"}, 2, False, "whole number"),
+    ({"COMFY_MULTI_GPU_SCHED": "maybe"}, 2, False, "not understood"),
+    ({"COMFY_MULTIGPU_DEVICES": "cuda:2"}, 2, False, "only 2 CUDA"),
+    ({"COMFY_MULTIGPU_DEVICES": "cuda:0"}, 2, True, "--cpu"),
+    ({"COMFY_MULTIGPU_DEVICES": "gpu0"}, 2, False, "not a device"),
+    ({"COMFY_MULTIGPU_DEVICES": "cpu,cpu", "COMFY_NUM_GPUS": "3"}, 0, False, "disagrees"),
+]
+
+
+@pytest.mark.parametrize("env, cuda, cpu, fragment", ERRORS)
+def test_bad_settings_are_errors_that_say_what_to_fix(env, cuda, cpu, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        resolve_settings(env, cuda, cpu)
+
+
+@pytest.mark.parametrize("visible, present, expected", [
+    (None, 4, 4), ("0,1", 4, 2), ("", 4, 0), ("2", 4, 1), ("0,-1,1", 4, 1), ("0,1,2,3,4,5", 2, 2),
+])
+def test_cuda_count_before_torch_import_follows_cuda_visible_devices(tmp_path, visible, present, expected):
+    gpus = tmp_path / "driver" / "nvidia" / "gpus"
+    gpus.mkdir(parents=True)
+    for i in range(present):
+        (gpus / f"0000:0{i}:00.0").mkdir()
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert cuda_count_without_torch(env, proc_root=str(tmp_path)) == expected
+
+
+def test_no_nvidia_driver_means_no_cuda(tmp_path):
+    assert cuda_count_without_torch({}, proc_root=str(tmp_path)) == 0
