@@ -2,18 +2,25 @@
 
 ComfyUI imports this file from custom_nodes/ after its own nodes have loaded; the extension then
 either enables itself (patches/manifest.toml) or logs one line saying why not and changes nothing.
+Imported anywhere else (a test runner collecting this directory as a package), it does nothing.
 """
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.abspath(__file__))
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-
-from comfy_multigpu.activation import activate_from_comfyui  # noqa: E402
-
-activate_from_comfyui()
-
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+
+def _inside_comfyui() -> bool:
+    server = sys.modules.get("server")
+    return server is not None and getattr(getattr(server, "PromptServer", None), "instance", None) is not None
+
+
+if _inside_comfyui():
+    _ROOT = os.path.dirname(os.path.abspath(__file__))
+    if _ROOT not in sys.path:
+        sys.path.append(_ROOT)
+    from comfy_multigpu.activation import activate_from_comfyui
+
+    activate_from_comfyui()

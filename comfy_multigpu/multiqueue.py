@@ -171,7 +171,8 @@ class MultiQueue:
                 queues.append(entry)
         return {"queues": queues,
                 "total_running": sum(q["running_count"] for q in queues),
-                "total_pending": sum(q["pending_count"] for q in queues)}
+                "total_pending": sum(q["pending_count"] for q in queues),
+                "housekeeping": {"gc_runs": self.pool.gc_runs}}
 
 
 def make_multiqueue(original, pool):

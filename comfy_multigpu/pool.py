@@ -59,6 +59,7 @@ class WorkerPool:
         self.socket_targets: dict[str, int] = {}   # WebSocket sid -> GPU it was opened for
         self.model_lock = threading.RLock()        # guards comfy.model_management.current_loaded_models
         self.start_hooks: list = []                # run once, in launch(), before workers start
+        self.gc_runs = 0                           # housekeeping passes (GC + cache emptying) so far
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -172,6 +173,7 @@ class WorkerPool:
             gc.collect()
             comfy.model_management.soft_empty_cache()
             last = time.perf_counter()
+            self.gc_runs += 1
             hook_breaker_ac10a0.restore_functions()
             with self.mutex:
                 idle = not any(w.busy or w.pending for w in self.workers)

@@ -1,0 +1,42 @@
+"""ComfyUI's own execution suites (tests/execution in the pinned tree) pass against servers running
+the extension with 2 workers: once with default routing, once with every request pinned to GPU 1.
+The host's tests start their own servers (python main.py ... --cpu); COMFY_NUM_GPUS=2 in their
+environment and the extension linked into the host's custom_nodes/ make those servers ours."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.comfy_server import free_port
+
+HERE = Path(__file__).resolve().parent
+SUITES = ["tests/execution/test_execution.py", "tests/execution/test_async_nodes.py",
+          "tests/execution/test_progress_isolation.py", "tests/execution/test_public_api.py"]
+
+
+@pytest.mark.parametrize("pin", [None, "1"], ids=["default-routing", "pinned-gpu1"])
+def test_comfyui_execution_suites_pass_with_two_workers(comfyui_dir, tmp_path, pin):
+    link = comfyui_dir / "custom_nodes" / "comfy-multigpu"
+    assert link.resolve() == HERE.parent, f"{link} must link to this checkout (scripts/bootstrap.py does it)"
+    report = tmp_path / "placements.json"
+    env = dict(os.environ, COMFY_NUM_GPUS="2", PYTHONPATH=str(HERE / "helpers"),
+               COMFY_MULTIGPU_TEST_REPORT=str(report),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("COMFY_MULTI_GPU_SCHED", None)
+    env.pop("COMFY_MULTIGPU_TEST_PIN", None)
+    if pin is not None:
+        env["COMFY_MULTIGPU_TEST_PIN"] = pin
+    cmd = [sys.executable, "-m", "pytest", *SUITES, "-q", "-p", "pin_gpu_plugin", "-p", "no:cacheprovider",
+           "--port", str(free_port()), "--output_dir", str(tmp_path / "out"), "-o", "addopts="]
+    proc = subprocess.run(cmd, cwd=comfyui_dir, env=env, capture_output=True, text=True, timeout=900)
+    tail = proc.stdout[-4000:]
+    assert proc.returncode == 0, tail
+    summary = [l for l in proc.stdout.splitlines() if " passed" in l][-1]
+    assert "195 passed" in summary and "failed" not in summary, summary
+    placements = json.loads(report.read_text())
+    counts = {gpu: placements.count(gpu) for gpu in set(placements)}
+    assert len(placements) > 100, counts
+    assert set(counts) == ({0, 1} if pin is None else {1}), counts

@@ -1,0 +1,36 @@
+"""A WebSocket opened with X-TARGET-GPU (a per-GPU port behind Nginx) gets `status` with that GPU's
+queue count; a plain one gets the whole server's count, as on stock ComfyUI."""
+import asyncio
+import json
+
+import aiohttp
+
+from helpers import workflows as wf
+
+
+async def last_status_counts(base_url, server):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{base_url}/ws?clientId=gpu1view", headers={"X-TARGET-GPU": "1"}) as on_gpu1, \
+                session.ws_connect(f"{base_url}/ws?clientId=plainview") as plain:
+            first = [json.loads((await ws.receive()).data) for ws in (on_gpu1, plain)]
+            blocker = await asyncio.to_thread(server.submit, wf.sleep(30, 1), 0)
+            await asyncio.to_thread(server.wait_running, blocker["prompt_id"])
+            pending = [await asyncio.to_thread(server.submit, wf.sleep(0.01, i), 0) for i in range(2)]
+            counts = {}
+            for name, sock in (("gpu1", on_gpu1), ("plain", plain)):
+                while True:
+                    msg = json.loads((await asyncio.wait_for(sock.receive(), 10)).data)
+                    if msg["type"] == "status":
+                        counts[name] = msg["data"]["status"]["exec_info"]["queue_remaining"]
+                        if name == "gpu1" or counts[name] == 3:
+                            break
+            await asyncio.to_thread(server.post, "/interrupt", {"prompt_id": blocker["prompt_id"]})
+            await asyncio.to_thread(server.wait, [blocker["prompt_id"]] + [p["prompt_id"] for p in pending])
+            return first, counts
+
+
+def test_per_gpu_socket_sees_its_gpus_queue_count(multi2):
+    first, counts = asyncio.run(last_status_counts(multi2.url, multi2))
+    assert [m["type"] for m in first] == ["status", "status"]
+    assert first[0]["data"]["sid"] == "gpu1view"
+    assert counts == {"gpu1": 0, "plain": 3}
