@@ -4,7 +4,8 @@
 # the extension linked into custom_nodes/. Extra arguments go to ComfyUI's main.py.
 set -euo pipefail
 
-readonly ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly ROOT
 
 usage() {
   cat <<'USAGE'

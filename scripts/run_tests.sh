@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: prepares the pinned ComfyUI, the cached virtualenv
+# (with test requirements) and the extension link, then runs pytest. Arguments go to pytest.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly ROOT
+
+main() {
+  local setup
+  setup="$(python3 "${ROOT}/scripts/bootstrap.py" --with-tests)"
+  eval "${setup}"
+  export COMFYUI_DIR COMFY_MULTIGPU_CACHE="${CACHE_DIR}"
+  cd "${ROOT}"
+  exec "${VENV_PYTHON}" -m pytest "$@"
+}
+
+main "$@"

@@ -1,0 +1,90 @@
+"""The README's commands and the scripts: start_multi_gpu.sh starts a real multi-worker server
+(extra arguments reach main.py), quick_test.sh checks it, bootstrap fails with a clear message
+when no ComfyUI can be found, and every shell script is clean under shellcheck when it is present."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.comfy_server import ComfyServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_start_script_runs_a_multi_worker_server_and_quick_test_passes(comfyui_dir, tmp_path):
+    port = free_port()
+    for d in ("out", "in", "user"):
+        (tmp_path / d).mkdir()
+    env = dict(os.environ, PORT=str(port), COMFY_NUM_GPUS="3", COMFYUI_DIR=str(comfyui_dir))
+    env.pop("COMFY_MULTI_GPU_SCHED", None)
+    args = ["--output-directory", str(tmp_path / "out"), "--input-directory", str(tmp_path / "in"),
+            "--user-directory", str(tmp_path / "user"), "--temp-directory", str(tmp_path),
+            "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}"]
+    log = open(tmp_path / "start.log", "w")
+    proc = subprocess.Popen([str(REPO / "scripts/start_multi_gpu.sh"), *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        probe = ComfyServer(comfyui_dir, tmp_path)
+        probe.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if all(q["up"] for q in probe.get("/queue/all", counts=1)["queues"]):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "start.log").read_text()[-3000:]
+            time.sleep(0.5)
+        text = (tmp_path / "start.log").read_text()
+        assert "no CUDA device visible; starting ComfyUI with --cpu" in text
+        for gpu in range(3):
+            assert f"[GPU {gpu}] Worker started on cpu" in text
+        assert "comfy-multigpu: ComfyUI 0.33.0, 3 workers on cpu, cpu, cpu" in text
+        assert str(tmp_path / "out") in probe.get("/system_stats")["system"]["argv"]
+        check = subprocess.run([str(REPO / "scripts/quick_test.sh"), probe.url], capture_output=True, text=True,
+                               timeout=120)
+        assert check.returncode == 0, check.stdout
+        assert "8 passed, 0 failed" in check.stdout
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+def test_quick_test_fails_when_no_server_answers():
+    check = subprocess.run([str(REPO / "scripts/quick_test.sh"), f"http://127.0.0.1:{free_port()}"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1
+    assert "FAIL  server reachable" in check.stdout
+
+
+def test_bootstrap_without_comfyui_says_what_to_set(tmp_path):
+    env = dict(os.environ, COMFYUI_DIR=str(tmp_path / "nowhere"))
+    proc = subprocess.run(["python3", str(REPO / "scripts/bootstrap.py")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "COMFYUI_DIR" in proc.stderr and "not a ComfyUI checkout" in proc.stderr
+    env = dict(os.environ, COMFY_MULTIGPU_CACHE=str(tmp_path / "cache"), COMFYUI_REPO=str(tmp_path / "no-repo"))
+    env.pop("COMFYUI_DIR", None)
+    proc = subprocess.run(["python3", str(REPO / "scripts/bootstrap.py")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Set COMFYUI_DIR" in proc.stderr and "COMFYUI_REPO" in proc.stderr
+
+
+def test_start_script_help_lists_the_settings():
+    out = subprocess.run([str(REPO / "scripts/start_multi_gpu.sh"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in ("PORT", "LISTEN", "COMFY_NUM_GPUS", "COMFY_MULTI_GPU_SCHED", "CUDA_VISIBLE_DEVICES", "COMFYUI_DIR"):
+        assert name in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is installed by .ci/run")
+def test_shell_scripts_are_clean_under_shellcheck():
+    scripts = sorted(str(p) for p in (REPO / "scripts").glob("*.sh")) + [str(REPO / ".ci" / "run")]
+    proc = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
