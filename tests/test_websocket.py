@@ -34,3 +34,22 @@ def test_per_gpu_socket_sees_its_gpus_queue_count(multi2):
     assert [m["type"] for m in first] == ["status", "status"]
     assert first[0]["data"]["sid"] == "gpu1view"
     assert counts == {"gpu1": 0, "plain": 3}
+
+
+async def reconnect_mid_prompt(base_url, server):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{base_url}/ws?clientId=comesback") as first:
+            await first.receive()
+            pid = (await asyncio.to_thread(server.submit, wf.sleep(3.0, 5), 1, "comesback"))["prompt_id"]
+            await asyncio.to_thread(server.wait_running, pid)
+        async with session.ws_connect(f"{base_url}/ws?clientId=comesback") as again:
+            messages = [json.loads((await asyncio.wait_for(again.receive(), 5)).data) for _ in range(2)]
+        await asyncio.to_thread(server.post, "/interrupt", {"prompt_id": pid})
+        await asyncio.to_thread(server.wait, pid)
+        return messages
+
+
+def test_a_client_reconnecting_mid_prompt_is_told_the_running_node(multi2):
+    status, executing = asyncio.run(reconnect_mid_prompt(multi2.url, multi2))
+    assert status["type"] == "status"
+    assert executing == {"type": "executing", "data": {"node": "1"}}

@@ -42,14 +42,22 @@ def make_server_class(original_cls, pool):
         last_prompt_id = WorkerAttribute("last_prompt_id")
 
         async def send(self, event, data, sid=None):
-            # The /ws handler's first message is status {"sid": sid}; remember the socket's GPU then.
-            if event == "status" and sid is not None and isinstance(data, dict) and data.get("sid") == sid:
+            connecting = (event == "status" and sid is not None and isinstance(data, dict)
+                          and data.get("sid") == sid)     # the /ws handler's first message
+            if connecting:
                 target = request_target()
                 if target is None:
                     pool.socket_targets.pop(sid, None)
                 else:
                     pool.socket_targets[sid] = target
             await original_cls.send(self, event, data, sid)
+            if connecting:
+                # Stock resends the current node to a client reconnecting mid-prompt (server.py:289);
+                # its check reads the process-wide client_id, so look in every worker instead.
+                for worker in pool.workers:
+                    node = worker.attrs.get("last_node_id")
+                    if worker.attrs.get("client_id") == sid and node is not None:
+                        await original_cls.send(self, "executing", {"node": node}, sid)
 
         def queue_updated(self):
             queue = self.prompt_queue
