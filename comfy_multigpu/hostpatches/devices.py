@@ -5,24 +5,14 @@ worker that list is the worker's device alone, so they cannot reach another work
 """
 from __future__ import annotations
 
-import functools
-
-from ..context import current_worker
+from .per_worker import per_worker
 
 
 def make_get_torch_device(original, pool):
-    @functools.wraps(original)
-    def get_torch_device():
-        worker = current_worker.get()
-        return original() if worker is None else worker.device
-    return get_torch_device
+    return per_worker(original, lambda worker: worker.device)
 
 
 def make_get_all_torch_devices(original, pool):
-    @functools.wraps(original)
-    def get_all_torch_devices(exclude_current=False):
-        worker = current_worker.get()
-        if worker is None:
-            return original(exclude_current)
+    def own_device(worker, exclude_current=False):
         return [] if exclude_current else [worker.device]
-    return get_all_torch_devices
+    return per_worker(original, own_device)

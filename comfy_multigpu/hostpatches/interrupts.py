@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 from ..context import current_worker
+from .per_worker import per_worker
 
 
 def make_interrupt_current_processing(original, pool):
@@ -36,11 +37,7 @@ def make_throw_exception_if_processing_interrupted(original, pool):
     import comfy.model_management
     interrupt_exception = comfy.model_management.InterruptProcessingException
 
-    @functools.wraps(original)
-    def throw_exception_if_processing_interrupted():
-        worker = current_worker.get()
-        if worker is None:
-            return original()
+    def throw(worker):
         if worker.take_interrupt():
             raise interrupt_exception()
-    return throw_exception_if_processing_interrupted
+    return per_worker(original, throw)

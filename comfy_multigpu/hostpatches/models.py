@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 from ..context import current_worker
+from .per_worker import per_worker
 
 
 def make_load_models_gpu(original, pool):
@@ -43,13 +44,8 @@ def make_free_memory(original, pool):
 def make_unload_all_models(original, pool):
     import comfy.model_management as mm
 
-    @functools.wraps(original)
-    def unload_all_models():
-        worker = current_worker.get()
-        if worker is None:
-            return original()
-        return mm.free_memory(1e30, worker.device)
-    return unload_all_models
+    # mm.free_memory is looked up at call time: the patched one, which spares busy workers' models.
+    return per_worker(original, lambda worker: mm.free_memory(1e30, worker.device))
 
 
 def make_locked(original, pool):

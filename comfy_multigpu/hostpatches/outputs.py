@@ -9,19 +9,16 @@ from __future__ import annotations
 import functools
 
 from ..context import current_worker
+from .per_worker import per_worker
 
 
 def make_get_save_image_path(original, pool):
-    @functools.wraps(original)
-    def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
-        worker = current_worker.get()
-        if worker is None:
-            return original(filename_prefix, output_dir, image_width, image_height)
+    def numbered(worker, filename_prefix, output_dir, image_width=0, image_height=0):
         folder, filename = original(filename_prefix, output_dir, image_width, image_height)[:2]
         pool.reserve_save_key(worker, (folder, filename))
         # Counted again now that no other worker is writing files under this name.
         return original(filename_prefix, output_dir, image_width, image_height)
-    return get_save_image_path
+    return per_worker(original, numbered)
 
 
 def make_execute_node(original, pool):

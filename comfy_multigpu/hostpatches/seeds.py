@@ -6,18 +6,13 @@ returns a private generator seeded the same way: the identical stream, untouched
 """
 from __future__ import annotations
 
-import functools
-
-from ..context import current_worker
+from .per_worker import per_worker
 
 
 def make_manual_seed(original, pool):
     import torch
 
-    @functools.wraps(original)
-    def manual_seed(seed):
-        generator = original(seed)
-        if current_worker.get() is None:
-            return generator
+    def private_generator(worker, seed):
+        original(seed)
         return torch.Generator().manual_seed(int(seed))
-    return manual_seed
+    return per_worker(original, private_generator)

@@ -16,8 +16,13 @@ def save_batch(prefix: str, color: int, batch: int = 4, base: int = 1) -> dict:
             b: {"class_type": "SaveImage", "inputs": {"images": [a, 0], "filename_prefix": prefix}}}
 
 
-def noise(seed: int, rounds: int = 10, node: str = "1") -> dict:
-    return {node: {"class_type": "MGNoise", "inputs": {"seed": seed, "rounds": rounds}}}
+def save_numbered(prefix: str, color: int, count: int = 4, gap: float = 0.0, base: int = 1) -> dict:
+    return {str(base + 1): {"class_type": "MGSaveNumbered",
+                            "inputs": {"filename_prefix": prefix, "count": count, "gap": gap, "color": color}}}
+
+
+def noise(seed: int, rounds: int = 10, node: str = "1", gap: float = 0.0) -> dict:
+    return {node: {"class_type": "MGNoise", "inputs": {"seed": seed, "rounds": rounds, "gap": gap}}}
 
 
 def probe(tag: str = "") -> dict:

@@ -34,7 +34,15 @@ def _device_facts():
     return facts
 
 
-class AlwaysRun:
+class TestNode:
+    """An output node in the test category whose function is run(); subclasses set the rest."""
+    CATEGORY = "comfy_multigpu_test"
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+
+class AlwaysRun(TestNode):
     @classmethod
     def IS_CHANGED(cls, **kwargs):
         return float("nan")
@@ -42,10 +50,7 @@ class AlwaysRun:
 
 class MGSleep(AlwaysRun):
     """Sleeps `seconds` in 10 ms slices with a progress bar, raising on interrupt; reports timestamps."""
-    CATEGORY = "comfy_multigpu_test"
     RETURN_TYPES = ("INT",)
-    FUNCTION = "run"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -67,10 +72,6 @@ class MGSleep(AlwaysRun):
 
 class MGProbe(AlwaysRun):
     """Async node: reports the device / worker seen here and in a helper thread (asyncio.to_thread)."""
-    CATEGORY = "comfy_multigpu_test"
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -83,34 +84,35 @@ class MGProbe(AlwaysRun):
 
 
 class MGNoise(AlwaysRun):
-    """Draws ComfyUI's seeded noise (comfy.sample.prepare_noise) `rounds` times; reports a hash of it."""
-    CATEGORY = "comfy_multigpu_test"
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
+    """Draws ComfyUI's seeded noise `rounds` times; reports a hash of it. gap=0 calls
+    comfy.sample.prepare_noise; gap>0 repeats its two calls (sample.py:27-29: seed the generator,
+    then draw from the generator that returned) with `gap` seconds between them."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1}),
-                             "rounds": ("INT", {"default": 10, "min": 1, "max": 10000})}}
+                             "rounds": ("INT", {"default": 10, "min": 1, "max": 10000}),
+                             "gap": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})}}
 
-    def run(self, seed, rounds):
+    def run(self, seed, rounds, gap):
         import torch
         import comfy.sample
         digest = hashlib.sha256()
         latent = torch.zeros((1, 4, 32, 32))
         for _ in range(rounds):
-            digest.update(comfy.sample.prepare_noise(latent, seed).numpy().tobytes())
-            time.sleep(0.001)
+            if gap > 0:
+                generator = torch.manual_seed(seed)
+                time.sleep(gap)
+                noise = torch.randn(latent.size(), dtype=latent.dtype, generator=generator, device="cpu")
+            else:
+                noise = comfy.sample.prepare_noise(latent, seed)
+                time.sleep(0.001)
+            digest.update(noise.numpy().tobytes())
         return {"ui": {"hash": [digest.hexdigest()], "seed": [seed]}}
 
 
 class MGPreviewMethod(AlwaysRun):
     """Waits, then reports the preview method ComfyUI holds for the running prompt."""
-    CATEGORY = "comfy_multigpu_test"
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -123,10 +125,9 @@ class MGPreviewMethod(AlwaysRun):
         return {"ui": {"before": [before], "after": [str(args.preview_method)]}}
 
 
-class MGAdd:
-    CATEGORY = "comfy_multigpu_test"
+class MGAdd(TestNode):
     RETURN_TYPES = ("INT",)
-    FUNCTION = "run"
+    OUTPUT_NODE = False
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -139,10 +140,7 @@ class MGAdd:
 
 class MGExpand(AlwaysRun):
     """Graph expansion: a chain of `count` MGAdd nodes after a delay; reports the prefix it was given."""
-    CATEGORY = "comfy_multigpu_test"
     RETURN_TYPES = ("INT",)
-    FUNCTION = "run"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -161,11 +159,7 @@ class MGExpand(AlwaysRun):
                 "result": (node.out(0),), "expand": graph.finalize()}
 
 
-class MGShow:
-    CATEGORY = "comfy_multigpu_test"
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
+class MGShow(TestNode):
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -177,10 +171,6 @@ class MGShow:
 
 class MGHoldModel(AlwaysRun):
     """Loads a MODEL onto the worker's device and checks for `seconds` that it stays loaded."""
-    CATEGORY = "comfy_multigpu_test"
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -198,6 +188,33 @@ class MGHoldModel(AlwaysRun):
         return {"ui": {"stayed_loaded": [loaded_all_along]}}
 
 
+class MGSaveNumbered(AlwaysRun):
+    """Numbers and writes `count` PNG files the way SaveImage does (folder_paths.get_save_image_path,
+    then one file per image with counter + i), waiting `gap` seconds between numbering and writing."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename_prefix": ("STRING", {"default": "numbered"}),
+                             "count": ("INT", {"default": 4, "min": 1, "max": 64}),
+                             "gap": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.001}),
+                             "color": ("INT", {"default": 0, "min": 0, "max": 255})}}
+
+    def run(self, filename_prefix, count, gap, color):
+        import os
+        import folder_paths
+        from PIL import Image
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), 8, 8)
+        time.sleep(gap)
+        images = []
+        for i in range(count):
+            name = f"{filename}_{counter + i:05}_.png"
+            Image.new("RGB", (8, 8), (color, color, color)).save(os.path.join(folder, name))
+            images.append({"filename": name, "subfolder": subfolder, "type": "output"})
+        return {"ui": {"images": images}}
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
-                       (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel)}
+                       (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel,
+                        MGSaveNumbered)}
 NODE_DISPLAY_NAME_MAPPINGS = {}
