@@ -7,7 +7,7 @@ HTTP request that carries X-TARGET-GPU acts on that GPU; without it, on all GPUs
 from __future__ import annotations
 
 import copy
-from typing import Callable, List, Literal, NamedTuple, Optional
+from typing import Callable
 
 from . import routing
 from .context import current_request, request_target
@@ -15,11 +15,6 @@ from .pool import WorkerPool
 
 
 class MultiQueue:
-    class ExecutionStatus(NamedTuple):   # same shape as execution.PromptQueue.ExecutionStatus
-        status_str: Literal["success", "error"]
-        completed: bool
-        messages: List[str]
-
     def __init__(self, pool: WorkerPool, server):
         self.pool = pool
         self.server = server
@@ -119,16 +114,6 @@ class MultiQueue:
             for w in self._scope_workers():
                 w.flags[name] = data
                 w.cond.notify()
-
-    def get_flags(self, reset: bool = True) -> dict:
-        """Merged flags of the scoped workers (each worker consumes its own in its loop)."""
-        with self.mutex:
-            merged = {}
-            for w in self._scope_workers():
-                merged.update(w.flags)
-                if reset:
-                    w.flags = {}
-            return merged
 
     # ---- history (global) -----------------------------------------------------------------
     def get_history(self, prompt_id=None, max_items=None, offset=-1, map_function=None):

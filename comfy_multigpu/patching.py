@@ -12,7 +12,7 @@ import importlib
 import inspect
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -220,7 +220,7 @@ def markdown(path: Path = MANIFEST) -> str:
     lines = [
         "# Patches applied to ComfyUI",
         "",
-        f"Generated from `patches/manifest.toml` by `python -m comfy_multigpu.patching`; do not edit.",
+        "Generated from `patches/manifest.toml` by `python -m comfy_multigpu.patching`; do not edit.",
         f"Host: {host.name} >={host.min_version},<{host.below_version} (pinned commit `{host.commit}`).",
         "",
         "| id | target | kind | requires | why | evidence |",

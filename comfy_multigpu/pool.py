@@ -50,7 +50,6 @@ class WorkerPool:
         self.workers = [GpuWorker(self, i, dev, label) for i, (dev, label) in enumerate(devices)]
         self.history: dict[str, dict] = {}
         self.task_counter = 0
-        self.stopping = False
         self.server = None
         self._gc_cond = threading.Condition(threading.Lock())
         self._gc_wanted = False
@@ -86,15 +85,6 @@ class WorkerPool:
             if not w.started.wait(timeout):
                 logger.error("[GPU %s] Worker did not start within %.0f s", w.gpu_id, timeout)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        with self.mutex:
-            self.stopping = True
-            for w in self.workers:
-                w.cond.notify_all()
-        for w in self.workers:
-            if w.thread is not None:
-                w.thread.join(timeout)
-
     # ---- queue mechanics (placement policy lives in routing.py) -------------------------------
     def take_next(self, worker: GpuWorker) -> tuple[tuple, int]:
         import heapq
@@ -116,10 +106,6 @@ class WorkerPool:
             entry.update(history_result)
             entry["gpu_id"] = worker.gpu_id
             self.history[prompt[1]] = entry
-            if status.completed:
-                worker.prompts_done += 1
-            else:
-                worker.prompts_failed += 1
         self._queue_updated()
 
     def _queue_updated(self) -> None:
@@ -160,10 +146,10 @@ class WorkerPool:
         from app.assets.seeder import asset_seeder
         from comfy.cli_args import args
         last = 0.0
-        while not self.stopping:
+        while True:
             with self._gc_cond:
-                while not self._gc_wanted and not self.stopping:
-                    self._gc_cond.wait(timeout=1.0)
+                while not self._gc_wanted:
+                    self._gc_cond.wait()
             wait = GC_INTERVAL_S - (time.perf_counter() - last)
             if wait > 0:
                 time.sleep(min(wait, GC_INTERVAL_S))

@@ -57,7 +57,7 @@ def run_checks(base: str, timeout: float) -> list[tuple[str, bool, str]]:
                                 f"{time.time() - started:.2f} s, ran on {entry.get('gpu_id')}, "
                                 f"{entry['status']['status_str']}"))
         time.sleep(0.05)
-    for pid, gpu in pending.items():
+    for gpu in pending.values():
         results.append((f"GPU {gpu}: prompt completed", False, f"not in history after {timeout:.0f} s"))
     full, counts = http(f"{base}/queue/all"), http(f"{base}/queue/all?counts=1")
     consistent = all(len(q["queue_running"]) == q["running_count"] and len(q["queue_pending"]) == q["pending_count"]

@@ -53,8 +53,6 @@ class GpuWorker:
         self.ram_headroom = 0
         self._loaded: dict[int, weakref.ref] = {}   # LoadedModel has __eq__ but no __hash__
         self.save_keys: set = set()
-        self.prompts_done = 0
-        self.prompts_failed = 0
 
     # ---- queue side (called with pool.mutex held) -------------------------------------------
     @property
@@ -111,12 +109,10 @@ class GpuWorker:
         self.up = True
         self.log.info("Worker started on %s", self.label)
         self.started.set()
-        while True:
+        while True:      # daemon thread: lives as long as the process
             with self.cond:
-                while not self.pending and not self.flags and not self.pool.stopping:
+                while not self.pending and not self.flags:
                     self.cond.wait()
-                if self.pool.stopping:
-                    break
                 job = self.pool.take_next(self) if self.pending else None
             if job is not None:
                 self._execute(executor, server, *job)
@@ -124,8 +120,6 @@ class GpuWorker:
                 flags, self.flags = self.flags, {}
             if flags:
                 self._apply_flags(executor, flags)
-        self.up = False
-        self.log.info("Worker stopped")
 
     def _execute(self, executor, server, item: tuple, item_id: int) -> None:
         import execution

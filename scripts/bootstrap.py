@@ -18,6 +18,7 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import NoReturn
 
 PINNED_COMMIT = "783545f689a0af730065994b46b382ae24844c99"
 DEFAULT_REPO = "https://github.com/comfyanonymous/ComfyUI"
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LINK_NAME = "comfy-multigpu"
 
 
-def fail(message: str) -> "NoReturn":
+def fail(message: str) -> NoReturn:
     print(f"comfy-multigpu setup: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -4,10 +4,8 @@ outputs and images. It covers every stock route the issue names."""
 import hashlib
 import io
 import json
-import urllib.request
 import uuid
 
-import pytest
 from PIL import Image
 
 from helpers import workflows as wf
@@ -96,6 +94,5 @@ def scripted_client(server) -> list:
 def test_same_script_same_results_on_stock_and_on_the_extension(stock, multi2):
     stock_run = scripted_client(stock)
     multi_run = scripted_client(multi2)
-    for a, b in zip(stock_run, multi_run):
+    for a, b in zip(stock_run, multi_run, strict=True):
         assert a == b, f"differs at {a[0]}"
-    assert len(stock_run) == len(multi_run)

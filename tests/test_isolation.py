@@ -5,7 +5,6 @@ models. Each behaviour is checked twice on real servers with 2 CPU workers runni
 isolation patches left out, i.e. concurrent workers on the stock host) must show the defect, so each
 test is known to be able to fail."""
 import hashlib
-import threading
 import time
 
 import pytest

@@ -32,12 +32,11 @@ def make_load_models_gpu(original, pool):
 
 def make_free_memory(original, pool):
     @functools.wraps(original)
-    def free_memory(memory_required, device, keep_loaded=[], *args, **kwargs):
+    def free_memory(memory_required, device, keep_loaded=(), *args, **kwargs):
         with pool.model_lock:
             in_use = pool.models_in_use_by_others(current_worker.get(), device)
-            if in_use:
-                keep_loaded = list(keep_loaded) + [m for m in in_use if m not in keep_loaded]
-            return original(memory_required, device, keep_loaded, *args, **kwargs)
+            keep = list(keep_loaded) + [m for m in in_use if m not in keep_loaded]
+            return original(memory_required, device, keep, *args, **kwargs)
     return free_memory
 
 

@@ -27,8 +27,8 @@ def main(comfyui_dir: str) -> dict:
     from comfy_multigpu.context import current_worker
     from comfy_multigpu.pool import WorkerPool
 
-    import comfy_api_nodes.util._helpers          # the optional by-value targets, loaded as
-    import comfy_extras.mesh3d.postprocess.remesh  # ComfyUI loads them with its built-in nodes
+    import comfy_api_nodes.util._helpers  # noqa: F401  (optional by-value targets, loaded as
+    import comfy_extras.mesh3d.postprocess.remesh  # noqa: F401  ComfyUI does with its nodes)
     server.PromptServer(asyncio.new_event_loop())
     modules = collections.ChainMap({"__main__": comfy_main}, sys.modules)
     host, specs = patching.load_manifest()
