@@ -76,35 +76,41 @@ def find_comfyui(cache: Path) -> Path:
     return cached
 
 
-def requirement_files(comfyui: Path, with_tests: bool) -> list[Path]:
-    files = [comfyui / "requirements.txt", ROOT / "requirements.txt"]
-    if with_tests:
-        files.append(ROOT / "requirements-test.txt")
-    return files
+def _digest(parts: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def _install_layer(python: Path, stamp: Path, key: str, args_per_run: list[list[str]], what: str) -> None:
+    """pip-install one layer unless its stamp already records `key`."""
+    if stamp.exists() and stamp.read_text().strip() == key:
+        return
+    log(f"installing {what} into {python.parent.parent} (a few minutes the first time)")
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    for args in args_per_run:
+        subprocess.run(pip + args, check=True)
+    stamp.write_text(key + "\n")
 
 
 def ensure_venv(cache: Path, comfyui: Path, with_tests: bool) -> Path:
-    files = requirement_files(comfyui, with_tests)
-    digest = hashlib.sha256()
-    digest.update(" ".join(TORCH_PINS).encode())
-    digest.update(sys.version.split()[0].encode())
-    for f in files:
-        digest.update(f.read_bytes())
-    key = digest.hexdigest()[:16]
+    """The cached virtualenv: a runtime layer (torch pins, ComfyUI's and our requirements) and,
+    with --with-tests, a test layer; each is reinstalled only when its inputs change."""
     env_dir = cache / f"venv-py{sys.version_info.major}{sys.version_info.minor}"
-    stamp = env_dir / ".comfy-multigpu-stamp"
     python = env_dir / "bin" / "python"
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == key:
-        return python
-    log(f"preparing the virtualenv {env_dir} (torch {TORCH_PINS[0].split('==')[1]}; a few minutes once)")
     if not python.exists():
         venv.EnvBuilder(with_pip=True).create(env_dir)
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + TORCH_PINS, check=True)
+    runtime = [comfyui / "requirements.txt", ROOT / "requirements.txt"]
+    runtime_key = _digest([" ".join(TORCH_PINS).encode(), sys.version.encode()] + [f.read_bytes() for f in runtime])
     # The torch pins are repeated so that the host's unpinned "torch" cannot pull a newer build.
-    for f in files:
-        subprocess.run(pip + ["-r", str(f)] + TORCH_PINS, check=True)
-    stamp.write_text(key + "\n")
+    _install_layer(python, env_dir / ".stamp-runtime", runtime_key,
+                   [TORCH_PINS] + [["-r", str(f)] + TORCH_PINS for f in runtime],
+                   f"torch {TORCH_PINS[0].split('==')[1]} and ComfyUI's requirements")
+    if with_tests:
+        tests = ROOT / "requirements-test.txt"
+        _install_layer(python, env_dir / ".stamp-tests", _digest([runtime_key.encode(), tests.read_bytes()]),
+                       [["-r", str(tests)] + TORCH_PINS], "the test requirements")
     return python
 
 
