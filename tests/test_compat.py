@@ -96,3 +96,22 @@ def test_same_script_same_results_on_stock_and_on_the_extension(stock, multi2):
     multi_run = scripted_client(multi2)
     for a, b in zip(stock_run, multi_run, strict=True):
         assert a == b, f"differs at {a[0]}"
+
+
+def test_stock_routes_answer_the_same_with_the_header(multi2):
+    """Behind a per-GPU port every request carries X-TARGET-GPU; routes that are not about the
+    queue must not change because of it."""
+    pid = multi2.submit(wf.sleep(0.01, 3), gpu=1)["prompt_id"]
+    multi2.wait(pid)
+    body, ctype = multipart({"overwrite": "true"}, {"image": ("hdr.png", png((1, 2, 3, 255)))})
+    uploaded = [multi2.request("POST", "/upload/image", raw=body, content_type=ctype, headers=h)
+                for h in ({}, {"X-TARGET-GPU": "1"})]
+    assert uploaded[0] == uploaded[1] == {"name": "hdr.png", "subfolder": "", "type": "input"}
+    multi2.request("POST", "/userdata/hdr.json", raw=b'{"b": 2}')
+    for path, query in (("/system_stats", {}), ("/object_info/KSampler", {}), (f"/history/{pid}", {}),
+                        ("/history", {"max_items": 5}), (f"/api/jobs/{pid}", {}), ("/features", {}),
+                        ("/models/checkpoints", {}), ("/userdata/hdr.json", {}), ("/userdata", {"dir": "."}),
+                        ("/view", {"filename": "hdr.png", "type": "input"}), ("/embeddings", {})):
+        plain = multi2.get(path, **query)
+        pinned = multi2.get(path, headers={"X-TARGET-GPU": "1"}, **query)
+        assert plain == pinned, path
