@@ -7,6 +7,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
 
 main() {
+  if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    echo "Usage: scripts/run_tests.sh [pytest arguments]   (prepares everything on the first run)"
+    exit 0
+  fi
   local setup
   setup="$(python3 "${ROOT}/scripts/bootstrap.py" --with-tests)"
   eval "${setup}"

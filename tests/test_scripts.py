@@ -49,10 +49,33 @@ def test_start_script_runs_a_multi_worker_server_and_quick_test_passes(comfyui_d
                                timeout=120)
         assert check.returncode == 0, check.stdout
         assert "8 passed, 0 failed" in check.stdout
+        stop = subprocess.run([str(REPO / "scripts/stop_multi_gpu.sh"), str(port)], capture_output=True,
+                              text=True, timeout=90)
+        assert stop.returncode == 0 and f"port {port}: stopped pid {proc.pid}" in stop.stdout, stop.stderr
+        proc.wait(30)                     # the start script exec'd ComfyUI: its pid is the server's
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
         log.close()
+
+
+def test_stop_script_never_signals_a_process_that_is_not_our_comfyui(tmp_path):
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "comfyui-8799.pid").write_text(str(bystander.pid))
+        env = dict(os.environ, COMFY_MULTIGPU_CACHE=str(tmp_path))
+        stop = subprocess.run([str(REPO / "scripts/stop_multi_gpu.sh")], env=env, capture_output=True, text=True,
+                              timeout=30)
+        assert stop.returncode == 0
+        assert "not our ComfyUI" in stop.stderr
+        assert bystander.poll() is None
+        assert not (run_dir / "comfyui-8799.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_quick_test_fails_when_no_server_answers():
@@ -81,6 +104,12 @@ def test_start_script_help_lists_the_settings():
     assert out.returncode == 0
     for name in ("PORT", "LISTEN", "COMFY_NUM_GPUS", "COMFY_MULTI_GPU_SCHED", "CUDA_VISIBLE_DEVICES", "COMFYUI_DIR"):
         assert name in out.stdout
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.sh")))
+def test_every_script_has_usage_text(script):
+    out = subprocess.run([str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, timeout=30)
+    assert "Usage:" in out.stdout + out.stderr
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is installed by .ci/run")
