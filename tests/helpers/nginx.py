@@ -79,7 +79,7 @@ class Nginx:
                     break
                 except OSError:
                     if time.time() > deadline:
-                        raise RuntimeError((self.prefix / "error.log").read_text())
+                        raise RuntimeError((self.prefix / "error.log").read_text()) from None
                     time.sleep(0.05)
         return self
 
