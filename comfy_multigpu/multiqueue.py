@@ -29,19 +29,23 @@ class MultiQueue:
     # ---- placement -------------------------------------------------------------------------
     def loads(self) -> list[routing.WorkerLoad]:
         with self.mutex:
-            return [routing.WorkerLoad(w.gpu_id, not w.down, len(w.running), len(w.pending))
+            return [routing.WorkerLoad(w.gpu_id, not w.down, len(w.running), len(w.pending), w.recent_models())
                     for w in self.pool.workers]
 
     def put(self, item: tuple) -> int:
-        """Queue a stock 6-tuple on the request's target GPU, or the least loaded one; returns the GPU."""
+        """Queue a stock 6-tuple on the request's target GPU (pinned: never moves), or place it with
+        routing.choose_least_loaded (auto: an idle worker may take it over later); returns the GPU."""
         scope = current_request.get()
         with self.mutex:
             gpu = scope.target if scope is not None and scope.target is not None else None
             if gpu is None:
-                gpu = routing.choose_least_loaded(self.loads())
-            if gpu is None:   # no worker is up: keep the prompt, the first worker takes it when up
-                gpu = 0
+                models = routing.prompt_models(item[2])
+                gpu = routing.choose_least_loaded(self.loads(), models)
+                if gpu is None:   # no worker is up: keep the prompt, the first worker takes it when up
+                    gpu = 0
+                self.pool.auto[item[1]] = models
             self.pool.workers[gpu].push(item)
+            self.pool.wake_idle()
             if scope is not None:
                 scope.placed_gpu = gpu
         self.server.queue_updated()
@@ -75,6 +79,8 @@ class MultiQueue:
     def wipe_queue(self) -> None:
         with self.mutex:
             for w in self._scope_workers():
+                for item in w.pending:
+                    self.pool.auto.pop(item[1], None)
                 w.pending.clear()
         self.server.queue_updated()
 
@@ -87,7 +93,7 @@ class MultiQueue:
             if hit is None:
                 return False
             worker, index = hit
-            worker.pending.pop(index)
+            self.pool.auto.pop(worker.pending.pop(index)[1], None)
             heapq.heapify(worker.pending)
         self.server.queue_updated()
         return True

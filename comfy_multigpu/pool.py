@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Iterable, Optional
 
+from . import routing
 from .worker import GpuWorker
 
 logger = logging.getLogger("comfy_multigpu")
@@ -49,6 +50,7 @@ class WorkerPool:
         self.mutex = threading.RLock()
         self.workers = [GpuWorker(self, i, dev, label) for i, (dev, label) in enumerate(devices)]
         self.history: dict[str, dict] = {}
+        self.auto: dict[str, frozenset] = {}       # auto-placed prompt id -> its models, while pending
         self.task_counter = 0
         self.server = None
         self._gc_cond = threading.Condition(threading.Lock())
@@ -86,13 +88,38 @@ class WorkerPool:
                 logger.error("[GPU %s] Worker did not start within %.0f s", w.gpu_id, timeout)
 
     # ---- queue mechanics (placement policy lives in routing.py) -------------------------------
-    def take_next(self, worker: GpuWorker) -> tuple[tuple, int]:
+    def takeover_candidate(self, worker: GpuWorker) -> Optional[routing.Waiting]:
+        """An auto-placed prompt waiting behind a busy worker that this idle worker should run instead."""
+        with self.mutex:
+            waiting = [routing.Waiting(item[1], item[0], owner.gpu_id, self.auto[item[1]])
+                       for owner in self.workers if owner is not worker and owner.busy
+                       for item in owner.pending if item[1] in self.auto]
+            return routing.choose_takeover(worker.recent_models(), waiting)
+
+    def has_work(self, worker: GpuWorker) -> bool:
+        """Called with the mutex held, by the worker deciding whether to sleep."""
+        return bool(worker.pending) or (not worker.busy and self.takeover_candidate(worker) is not None)
+
+    def take_next(self, worker: GpuWorker) -> Optional[tuple[tuple, int]]:
+        """The worker's own next prompt, else one taken over from a busy worker (pinned ones never move)."""
         import heapq
         with self.mutex:
-            item = heapq.heappop(worker.pending)
+            if worker.pending:
+                item = heapq.heappop(worker.pending)
+            else:
+                chosen = self.takeover_candidate(worker)
+                if chosen is None:
+                    return None
+                owner = self.workers[chosen.owner]
+                index = next(i for i, it in enumerate(owner.pending) if it[1] == chosen.prompt_id)
+                item = owner.pending.pop(index)
+                heapq.heapify(owner.pending)
+                worker.log.info("Took over prompt %s waiting behind GPU %s", item[1], owner.gpu_id)
+            self.auto.pop(item[1], None)
             item_id = self.task_counter
             self.task_counter += 1
             worker.running[item_id] = copy.deepcopy(item)
+            self.wake_idle()          # this worker is busy now: its waiting auto prompts may move
         self._queue_updated()
         return item, item_id
 
@@ -111,6 +138,12 @@ class WorkerPool:
     def _queue_updated(self) -> None:
         if self.server is not None:
             self.server.queue_updated()
+
+    def wake_idle(self) -> None:
+        """Let idle workers look for prompts to take over (pool.mutex held)."""
+        for w in self.workers:
+            if not w.busy and not w.pending:
+                w.cond.notify()
 
     def find_running(self, prompt_id: str) -> Optional[GpuWorker]:
         with self.mutex:

@@ -1,8 +1,9 @@
-"""Routing policy as pure functions: reading X-TARGET-GPU and choosing a worker for "auto" prompts."""
+"""Routing policy as pure functions: reading X-TARGET-GPU, placing "auto" prompts, and choosing
+which waiting auto prompt an idle worker takes over from a busy one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 HEADER = "X-TARGET-GPU"
 AUTO = "auto"
@@ -38,6 +39,27 @@ class WorkerLoad:
     up: bool
     running: int
     pending: int
+    models: frozenset = frozenset()     # model files its recent prompts loaded (see prompt_models)
+
+
+# Loader inputs that name a model file (CheckpointLoaderSimple, UNETLoader, CLIPLoader, DualCLIPLoader,
+# VAELoader, LoraLoader, ControlNetLoader, UpscaleModelLoader, ...).
+MODEL_INPUTS = ("ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3",
+                "vae_name", "lora_name", "control_net_name", "model_name", "style_model_name")
+
+
+def prompt_models(prompt: Mapping) -> frozenset:
+    """The model files an API-format prompt loads, as "input:filename" keys (from its loader nodes)."""
+    keys = set()
+    for node in prompt.values() if isinstance(prompt, Mapping) else ():
+        inputs = node.get("inputs") if isinstance(node, Mapping) else None
+        if not isinstance(inputs, Mapping):
+            continue
+        for name in MODEL_INPUTS:
+            value = inputs.get(name)
+            if isinstance(value, str) and value:
+                keys.add(f"{name}:{value}")
+    return frozenset(keys)
 
 
 def valid_targets(gpu_count: int, down: frozenset[int] = frozenset()) -> list:
@@ -61,10 +83,28 @@ def parse_target(raw: str | None, gpu_count: int, down: frozenset[int] = frozens
     return index
 
 
-def choose_least_loaded(loads: Sequence[WorkerLoad]) -> int | None:
-    """The up worker with the fewest running + pending prompts; ties go to the lowest index."""
+def choose_least_loaded(loads: Sequence[WorkerLoad], models: frozenset = frozenset()) -> int | None:
+    """The up worker with the fewest running + pending prompts; among equally loaded ones the one that
+    already ran most of the prompt's `models`; then the lowest index."""
     candidates = [w for w in loads if w.up]
     if not candidates:
         return None
-    best = min(candidates, key=lambda w: (w.running + w.pending, w.gpu_id))
+    best = min(candidates, key=lambda w: (w.running + w.pending, -len(models & w.models), w.gpu_id))
     return best.gpu_id
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """An auto-placed prompt waiting in a busy worker's queue: a candidate to be taken over."""
+    prompt_id: str
+    number: float           # queue order (lower first; "front" prompts are negative)
+    owner: int              # the GPU whose queue holds it now
+    models: frozenset = frozenset()
+
+
+def choose_takeover(idle_models: frozenset, waiting: Sequence[Waiting]) -> Optional[Waiting]:
+    """What an idle worker takes from busy workers' queues: the earliest-queued auto prompt, preferring
+    one whose models it already ran (so that the takeover does not cost a model load)."""
+    if not waiting:
+        return None
+    return min(waiting, key=lambda w: (-len(idle_models & w.models), w.number, w.prompt_id))

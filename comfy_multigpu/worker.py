@@ -53,6 +53,7 @@ class GpuWorker:
         self.ram_headroom = 0
         self._loaded: dict[int, weakref.ref] = {}   # LoadedModel has __eq__ but no __hash__
         self.save_keys: set = set()
+        self._models: dict[str, None] = {}     # model keys of recent successful prompts, oldest first
 
     # ---- queue side (called with pool.mutex held) -------------------------------------------
     @property
@@ -67,6 +68,19 @@ class GpuWorker:
     def push(self, item: tuple) -> None:
         heapq.heappush(self.pending, item)
         self.cond.notify()
+
+    # ---- model files recent prompts used (placement affinity) ---------------------------------
+    RECENT_MODELS = 32
+
+    def remember_models(self, keys) -> None:
+        for key in keys:
+            self._models.pop(key, None)
+            self._models[key] = None
+        while len(self._models) > self.RECENT_MODELS:
+            self._models.pop(next(iter(self._models)))
+
+    def recent_models(self) -> frozenset:
+        return frozenset(self._models)
 
     # ---- models this worker loaded ------------------------------------------------------------
     def note_loaded(self, loaded_model) -> None:
@@ -111,9 +125,9 @@ class GpuWorker:
         self.started.set()
         while True:      # daemon thread: lives as long as the process
             with self.cond:
-                while not self.pending and not self.flags:
+                while not self.flags and not self.pool.has_work(self):
                     self.cond.wait()
-                job = self.pool.take_next(self) if self.pending else None
+                job = self.pool.take_next(self)
             if job is not None:
                 self._execute(executor, server, *job)
             with self.cond:
@@ -141,6 +155,9 @@ class GpuWorker:
                 "exception_type": type(ex).__name__, "timestamp": int(time.time() * 1000)})]
         finally:
             self.pool.release_save_keys(self)
+        if success:
+            from .routing import prompt_models
+            self.remember_models(prompt_models(item[2]))
         status = execution.PromptQueue.ExecutionStatus(
             status_str="success" if success else "error", completed=success, messages=messages)
         self.pool.task_done(self, item_id, executor.history_result, status)
@@ -166,4 +183,5 @@ class GpuWorker:
     def snapshot(self) -> dict:
         """Counts for /queue/all and placement (pool.mutex held by the caller)."""
         return {"gpu_id": self.gpu_id, "device": self.label, "up": not self.down,
+                "models": sorted(self._models),
                 "running_count": len(self.running), "pending_count": len(self.pending)}

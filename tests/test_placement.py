@@ -1,0 +1,31 @@
+"""Auto placement on the real server: no GPU idles while an auto-placed prompt waits behind a busy
+one (an idle worker takes it over), pinned prompts never move, and among idle GPUs the one that
+already ran the prompt's models is preferred."""
+from helpers import workflows as wf
+
+
+def test_an_idle_gpu_takes_over_an_auto_prompt_waiting_behind_a_long_one(multi2):
+    long_job = multi2.submit(wf.sleep(6.0, 1))["prompt_id"]               # auto -> GPU 0 (idle, lowest)
+    multi2.wait_running(long_job)
+    short_job = multi2.submit(wf.sleep(0.5, 2))                            # auto -> GPU 1 (idle)
+    waiting = multi2.submit(wf.sleep(0.05, 3))                             # both busy: ties -> GPU 0
+    pinned = multi2.submit(wf.sleep(0.05, 4), gpu=0)                       # pinned behind the long job
+    assert short_job["gpu_id"] == 1 and waiting["gpu_id"] == 0
+    done = multi2.wait([waiting["prompt_id"]], timeout=5)                  # well before the long job ends
+    assert done[waiting["prompt_id"]]["gpu_id"] == 1                        # ran where a worker was free
+    assert multi2.get(f"/history/{pinned['prompt_id']}") == {}             # pinned: still waiting on GPU 0
+    assert [i[1] for i in multi2.get("/queue", headers={"X-TARGET-GPU": "0"})["queue_pending"]] == \
+        [pinned["prompt_id"]]
+    multi2.post("/interrupt", {"prompt_id": long_job})
+    assert multi2.wait(pinned["prompt_id"])[pinned["prompt_id"]]["gpu_id"] == 0
+    assert "Took over prompt" in multi2.log()
+
+
+def test_among_idle_gpus_the_one_that_ran_the_models_is_chosen(multi2):
+    first = multi2.submit(wf.txt2img(5, prefix="affinity"), gpu=1)["prompt_id"]
+    multi2.wait(first, timeout=300)
+    state = multi2.get("/queue/all", counts=1)
+    assert "ckpt_name:tiny-sd15.safetensors" in state["queues"][1]["models"]
+    again = multi2.submit(wf.txt2img(6, prefix="affinity"))               # both idle: GPU 1 has the model
+    assert again["gpu_id"] == 1
+    multi2.wait(again["prompt_id"], timeout=300)
