@@ -18,6 +18,14 @@ is_our_comfyui() {
   [[ "${cmdline}" == *"main.py"* && "${cmdline}" == *"--port ${port} "* ]]
 }
 
+# Running (a zombie, exited but not yet reaped by its parent, counts as gone).
+is_alive() {
+  local pid="$1" state
+  kill -0 "${pid}" 2>/dev/null || return 1
+  state="$(awk '{print $3}' "/proc/${pid}/stat" 2>/dev/null || true)"
+  [[ -n "${state}" && "${state}" != "Z" ]]
+}
+
 stop_one() {
   local file="$1" timeout="$2" port pid waited=0
   port="$(basename "${file}" .pid)"
@@ -29,11 +37,11 @@ stop_one() {
     return 0
   fi
   kill -TERM "${pid}"
-  while kill -0 "${pid}" 2>/dev/null && (( waited < timeout * 10 )); do
+  while is_alive "${pid}" && (( waited < timeout * 10 )); do
     sleep 0.1
     waited=$((waited + 1))
   done
-  if kill -0 "${pid}" 2>/dev/null; then
+  if is_alive "${pid}"; then
     echo "port ${port}: pid ${pid} still running after ${timeout} s; sending SIGKILL" >&2
     kill -KILL "${pid}"
   fi

@@ -22,10 +22,14 @@ def test_an_idle_gpu_takes_over_an_auto_prompt_waiting_behind_a_long_one(multi2)
 
 
 def test_among_idle_gpus_the_one_that_ran_the_models_is_chosen(multi2):
-    first = multi2.submit(wf.txt2img(5, prefix="affinity"), gpu=1)["prompt_id"]
-    multi2.wait(first, timeout=300)
+    """The server is shared with other tests that ran the checkpoint on both GPUs; the LoRA is used
+    only here, so after this pinned run GPU 1 alone has every model of the prompt."""
+    first = multi2.submit(wf.txt2img(5, prefix="affinity", lora=1.0), gpu=1)["prompt_id"]
+    assert multi2.wait(first, timeout=300)[first]["status"]["status_str"] == "success"
     state = multi2.get("/queue/all", counts=1)
-    assert "ckpt_name:tiny-sd15.safetensors" in state["queues"][1]["models"]
-    again = multi2.submit(wf.txt2img(6, prefix="affinity"))               # both idle: GPU 1 has the model
+    assert {"ckpt_name:tiny-sd15.safetensors", "lora_name:tiny-sd15-lora.safetensors"} <= \
+        set(state["queues"][1]["models"])
+    assert "lora_name:tiny-sd15-lora.safetensors" not in state["queues"][0]["models"]
+    again = multi2.submit(wf.txt2img(6, prefix="affinity", lora=1.0))     # both idle: GPU 1 has the models
     assert again["gpu_id"] == 1
     multi2.wait(again["prompt_id"], timeout=300)

@@ -3,6 +3,7 @@
 when no ComfyUI can be found, and every shell script is clean under shellcheck when it is present."""
 import os
 import shutil
+import sys
 import signal
 import subprocess
 import time
@@ -117,3 +118,24 @@ def test_shell_scripts_are_clean_under_shellcheck():
     scripts = sorted(str(p) for p in (REPO / "scripts").glob("*.sh")) + [str(REPO / ".ci" / "run")]
     proc = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_stop_script_kills_a_server_that_ignores_sigterm_after_the_timeout(tmp_path):
+    fake = tmp_path / "main.py"
+    fake.write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "print('ready', flush=True)\ntime.sleep(120)\n")
+    server = subprocess.Popen([sys.executable, str(fake), "--port", "8797", "--cpu"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "comfyui-8797.pid").write_text(str(server.pid))
+        env = dict(os.environ, COMFY_MULTIGPU_CACHE=str(tmp_path), STOP_TIMEOUT="1")
+        stop = subprocess.run([str(REPO / "scripts/stop_multi_gpu.sh"), "8797"], env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert stop.returncode == 0
+        assert "still running after 1 s; sending SIGKILL" in stop.stderr
+        assert server.wait(10) == -signal.SIGKILL
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
