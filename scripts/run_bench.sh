@@ -5,16 +5,15 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=scripts/lib/managed_env.sh
+source "${ROOT}/scripts/lib/managed_env.sh"
 
 main() {
   if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
     echo "Usage: scripts/run_bench.sh bench/<script>.py [script arguments]" >&2
     exit 2
   fi
-  local setup
-  setup="$(python3 "${ROOT}/scripts/bootstrap.py" --with-tests)"
-  eval "${setup}"
-  export COMFYUI_DIR COMFY_MULTIGPU_CACHE="${CACHE_DIR}"
+  prepare_env --with-tests
   cd "${ROOT}"
   exec "${VENV_PYTHON}" "$@"
 }

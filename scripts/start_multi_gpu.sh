@@ -6,6 +6,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=scripts/lib/managed_env.sh
+source "${ROOT}/scripts/lib/managed_env.sh"
 
 usage() {
   cat <<'USAGE'
@@ -24,9 +26,8 @@ main() {
     usage
     exit 0
   fi
-  local setup
-  setup="$(python3 "${ROOT}/scripts/bootstrap.py")"
-  eval "${setup}"
+  # shellcheck disable=SC2119  # no bootstrap options: the defaults (link the extension, no test extras)
+  prepare_env
   local -a extra=()
   local cuda
   cuda="$(PYTHONPATH="${ROOT}" python3 -c \

@@ -6,6 +6,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=scripts/lib/managed_env.sh
+source "${ROOT}/scripts/lib/managed_env.sh"
 
 usage() {
   cat <<'USAGE'
@@ -19,9 +21,7 @@ main() {
     usage
     exit 0
   fi
-  local setup
-  setup="$(python3 "${ROOT}/scripts/bootstrap.py" --no-link)"
-  eval "${setup}"
+  prepare_env --no-link
   cd "${ROOT}"
   exec "${VENV_PYTHON}" -m comfy_multigpu.endpoint_check "$@"
 }
