@@ -67,10 +67,10 @@ async def check_port(session: aiohttp.ClientSession, host: str, port: int, gpu: 
     prompt_id = answer.get("prompt_id")
     async with session.get(f"{base}/queue") as r:
         q = await r.json()
-        add("GET /queue", r.status == 200 and (gpu is None or q.get("gpu_id") == gpu), f"{r.status} gpu_id={q.get('gpu_id')}")
+        add("GET /queue", r.status == 200 and on_gpu(q.get("gpu_id")), f"{r.status} gpu_id={q.get('gpu_id')}")
     async with session.get(f"{base}/api/queue") as r:
         q = await r.json()
-        add("GET /api/queue", r.status == 200 and (gpu is None or q.get("gpu_id") == gpu), f"{r.status}")
+        add("GET /api/queue", r.status == 200 and on_gpu(q.get("gpu_id")), f"{r.status}")
     async with session.post(f"{base}/queue", json={"delete": [str(uuid.uuid4())]}) as r:
         add("POST /queue", r.status == 200, f"{r.status}")
     async with session.post(f"{base}/interrupt", json={"prompt_id": str(uuid.uuid4())}) as r:

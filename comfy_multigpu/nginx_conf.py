@@ -135,7 +135,7 @@ def parse_args(argv=None) -> tuple[NginxSettings, str]:
     p.add_argument("--auth-file", default=d.auth_file, help="htpasswd file; enables basic auth")
     p.add_argument("--allow", action="append", default=[], help="CIDR to allow (repeatable); others get 403")
     opts = p.parse_args(argv)
-    given = [a for a in (argv if argv is not None else sys.argv[1:])]
+    given = sys.argv[1:] if argv is None else argv
     settings = NginxSettings(gpus=opts.gpus, upstream=opts.upstream, listen=opts.listen,
                              first_port=opts.first_port, auto_port=opts.auto_port, rate=opts.rate,
                              burst=opts.burst, max_body=opts.max_body, timeout=opts.timeout,

@@ -96,10 +96,6 @@ class WorkerPool:
                        for item in owner.pending if item[1] in self.auto]
             return routing.choose_takeover(worker.recent_models(), waiting)
 
-    def has_work(self, worker: GpuWorker) -> bool:
-        """Called with the mutex held, by the worker deciding whether to sleep."""
-        return bool(worker.pending) or (not worker.busy and self.takeover_candidate(worker) is not None)
-
     def take_next(self, worker: GpuWorker) -> Optional[tuple[tuple, int]]:
         """The worker's own next prompt, else one taken over from a busy worker (pinned ones never move)."""
         import heapq

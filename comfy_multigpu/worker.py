@@ -125,9 +125,11 @@ class GpuWorker:
         self.started.set()
         while True:      # daemon thread: lives as long as the process
             with self.cond:
-                while not self.flags and not self.pool.has_work(self):
+                while True:      # own prompt, else one to take over, else wait (or handle /free)
+                    job = self.pool.take_next(self)
+                    if job is not None or self.flags:
+                        break
                     self.cond.wait()
-                job = self.pool.take_next(self)
             if job is not None:
                 self._execute(executor, server, *job)
             with self.cond:
