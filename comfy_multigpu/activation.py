@@ -89,7 +89,8 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
         return None
     specs = [s for s in specs if s.id not in skipped]
 
-    pool = WorkerPool((torch.device(label), label) for label in settings.devices)
+    pool = WorkerPool(((torch.device(label), label) for label in settings.devices), settings.pools,
+                      settings.weights)
     patchset = patching.PatchSet(specs, pool)
     problems = patchset.problems()
     if problems:
@@ -110,7 +111,14 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); DynamicVRAM off; %d patches applied: %s%s",
                 version, len(pool), ", ".join(settings.devices), settings.reason, len(applied),
                 ", ".join(applied), f"; left out on request: {', '.join(sorted(skipped))}" if skipped else "")
+    logger.info("comfy-multigpu: pools %s%s; weights %s", _pool_text(settings.pools),
+                f" (default: {pool.default_pool})" if pool.default_pool else "",
+                ", ".join(f"{i}:{w:g}" for i, w in enumerate(settings.weights)))
     return ext
+
+
+def _pool_text(pools) -> str:
+    return "; ".join(f"{name}={','.join(str(g) for g in gpus)}" for name, gpus in pools.items())
 
 
 def _verify_in_place(ext: Extension) -> None:

@@ -10,21 +10,29 @@ Rules (docs/configuration.md repeats them for users):
   so "--cuda-device 1" means one visible GPU, called cuda:0 inside the process.
 - --cpu with CUDA present: every worker runs on the CPU; naming a CUDA device then is an error.
 - Asking for more CUDA devices than are visible is an error, never a silent smaller count.
+- COMFY_MULTIGPU_POOLS="fast=0,1;slow=2,3;vip=3" names pools of GPU indices (a pool called "default"
+  takes the prompts that name none); COMFY_MULTIGPU_GPU_WEIGHTS="0:2,1:1" gives unequal GPUs their
+  relative speed (unlisted GPUs weigh 1).
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 ENV_SCHED = "COMFY_MULTI_GPU_SCHED"
 ENV_NUM_GPUS = "COMFY_NUM_GPUS"
 ENV_DEVICES = "COMFY_MULTIGPU_DEVICES"
+ENV_POOLS = "COMFY_MULTIGPU_POOLS"
+ENV_WEIGHTS = "COMFY_MULTIGPU_GPU_WEIGHTS"
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
 _DEVICE_RE = re.compile(r"^(cpu|cuda(?::(\d+))?)$")
+_POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+ALL_POOL = "all"          # implicit pool of every GPU (unless configured otherwise)
+DEFAULT_POOL = "default"  # if configured: where prompts that name no pool go
 
 
 class ConfigError(ValueError):
@@ -36,6 +44,8 @@ class Settings:
     enabled: bool
     devices: tuple[str, ...]
     reason: str
+    pools: Mapping[str, tuple[int, ...]] = field(default_factory=dict)   # name -> GPU indices
+    weights: tuple[float, ...] = ()                                       # one per device
 
 
 def _parse_sched(env: Mapping[str, str]) -> str:
@@ -78,6 +88,62 @@ def _parse_devices(raw: str, cuda_count: int, cpu_only: bool) -> tuple[str, ...]
     return tuple(devices)
 
 
+def _gpu_index(text: str, gpu_count: int, where: str) -> int:
+    text = text.strip()
+    if not text.isascii() or not text.isdigit():
+        raise ConfigError(f"{where}: {text!r} is not a GPU index (0..{gpu_count - 1})")
+    index = int(text)
+    if index >= gpu_count:
+        raise ConfigError(f"{where}: GPU {index} does not exist; this server has {gpu_count} "
+                          f"worker(s), numbered 0..{gpu_count - 1}")
+    return index
+
+
+def parse_pools(raw: str, gpu_count: int) -> dict[str, tuple[int, ...]]:
+    """ "fast=0,1;slow=2,3" -> {"fast": (0, 1), "slow": (2, 3), "all": (0..N-1)}; names are lower-cased."""
+    pools: dict[str, tuple[int, ...]] = {}
+    for part in (p.strip() for p in raw.split(";")):
+        if not part:
+            continue
+        name, sep, members = part.partition("=")
+        name = name.strip().lower()
+        if not sep or not _POOL_NAME_RE.match(name):
+            raise ConfigError(f"{ENV_POOLS}: {part!r} is not name=GPU,GPU (names: letters, digits, _ . -); "
+                              f'example: "fast=0,1;slow=2,3"')
+        if name in pools:
+            raise ConfigError(f"{ENV_POOLS}: pool {name!r} is defined twice")
+        indices = [_gpu_index(m, gpu_count, f"{ENV_POOLS} pool {name!r}") for m in members.split(",") if m.strip()]
+        if not indices:
+            raise ConfigError(f"{ENV_POOLS}: pool {name!r} lists no GPU")
+        pools[name] = tuple(sorted(set(indices)))
+    pools.setdefault(ALL_POOL, tuple(range(gpu_count)))
+    return pools
+
+
+def parse_weights(raw: str, gpu_count: int) -> tuple[float, ...]:
+    """ "0:2,1:1" -> (2.0, 1.0, 1.0, ...): each GPU's relative speed; unlisted GPUs weigh 1."""
+    weights = [1.0] * gpu_count
+    seen = set()
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        index_text, sep, value = part.partition(":")
+        if not sep:
+            raise ConfigError(f"{ENV_WEIGHTS}: {part!r} is not GPU:weight; example: \"0:2,1:1\"")
+        index = _gpu_index(index_text, gpu_count, ENV_WEIGHTS)
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not (0 < weight < 1e6):      # also refuses nan and inf
+            raise ConfigError(f"{ENV_WEIGHTS}: weight {value.strip()!r} of GPU {index} must be a number above 0")
+        if index in seen:
+            raise ConfigError(f"{ENV_WEIGHTS}: GPU {index} is listed twice")
+        seen.add(index)
+        weights[index] = weight
+    return tuple(weights)
+
+
 def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) -> Settings:
     """Turn the environment plus what the machine has into the worker devices; raises ConfigError."""
     sched = _parse_sched(env)
@@ -99,11 +165,13 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
                               f"(CUDA_VISIBLE_DEVICES / --cuda-device hide the others); lower "
                               f"{ENV_NUM_GPUS} or set {ENV_DEVICES}=cuda:0,cuda:0 to share a GPU")
         devices = tuple(f"cuda:{i}" for i in range(wanted))
+    pools = parse_pools(env.get(ENV_POOLS, ""), len(devices))
+    weights = parse_weights(env.get(ENV_WEIGHTS, ""), len(devices))
     if sched == "on":
-        return Settings(True, devices, f"{ENV_SCHED}=1")
+        return Settings(True, devices, f"{ENV_SCHED}=1", pools, weights)
     if len(devices) > 1:
-        return Settings(True, devices, f"{len(devices)} devices")
-    return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset")
+        return Settings(True, devices, f"{len(devices)} devices", pools, weights)
+    return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset", pools, weights)
 
 
 def cuda_count_without_torch(env: Mapping[str, str] = os.environ, proc_root: str = "/proc") -> int:

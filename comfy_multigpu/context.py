@@ -7,7 +7,7 @@ and ComfyUI's async_to_sync pool copy the context, so nodes' helper threads see 
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -19,9 +19,13 @@ current_worker: contextvars.ContextVar[Optional["GpuWorker"]] = contextvars.Cont
 
 @dataclass
 class RequestScope:
-    """Routing facts of one HTTP request: the GPU it targets (None = auto) and where a prompt went."""
+    """Routing facts of one HTTP request: the GPU it targets (None = auto), its X-GPU-POOL / X-PRIORITY
+    header values, and where a prompt went (GPU, pool, queue number)."""
     target: Optional[int] = None
+    headers: dict = field(default_factory=dict)
     placed_gpu: Optional[int] = None
+    placed_pool: Optional[str] = None
+    placed_number: Optional[float] = None
 
 
 current_request: contextvars.ContextVar[Optional[RequestScope]] = contextvars.ContextVar(

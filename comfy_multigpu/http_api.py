@@ -1,4 +1,5 @@
-"""HTTP layer: the X-TARGET-GPU middleware, our own /interrupt and /queue/all, gpu_id in answers.
+"""HTTP layer: the X-TARGET-GPU / X-GPU-POOL / X-PRIORITY middleware, our own /interrupt and
+/queue/all, gpu_id in answers.
 
 Host objects touched: PromptServer.instance.app.middlewares (appended before the app freezes) and
 PromptServer.instance.routes (routes added before add_routes() also get their /api twin).
@@ -53,7 +54,8 @@ async def post_interrupt(request: web.Request, queue: MultiQueue) -> web.Respons
     return web.Response(status=200)
 
 
-def _with_gpu_id(response: web.StreamResponse, gpu_id: int) -> web.StreamResponse:
+def _amended(response: web.StreamResponse, **fields) -> web.StreamResponse:
+    """A 200 JSON object answer with `fields` added (None values left out)."""
     if not isinstance(response, web.Response) or response.body is None or response.status != 200:
         return response
     try:
@@ -62,8 +64,17 @@ def _with_gpu_id(response: web.StreamResponse, gpu_id: int) -> web.StreamRespons
         return response
     if not isinstance(data, dict):
         return response
-    data["gpu_id"] = gpu_id
+    data.update({k: v for k, v in fields.items() if v is not None})
     return web.json_response(data, status=response.status)
+
+
+def _prompt_headers(request: web.Request, pools) -> dict:
+    """X-GPU-POOL and X-PRIORITY of a POST /prompt, checked now so that a bad one is refused before
+    the body is read; raises routing.RequestError."""
+    headers = {name: request.headers.get(name) for name in (routing.POOL_HEADER, routing.PRIORITY_HEADER)}
+    routing.parse_pool(headers[routing.POOL_HEADER], routing.POOL_HEADER, pools)
+    routing.parse_priority(headers[routing.PRIORITY_HEADER], routing.PRIORITY_HEADER)
+    return headers
 
 
 def make_middleware(queue: MultiQueue):
@@ -77,19 +88,24 @@ def make_middleware(queue: MultiQueue):
         down = frozenset(w.gpu_id for w in pool.workers if w.down) if placing else frozenset()
         try:
             target = routing.parse_target(request.headers.get(routing.HEADER), len(pool), down)
-        except routing.TargetError as ex:
+            headers = _prompt_headers(request, pool.pools) if placing else {}
+        except routing.RequestError as ex:
             return web.json_response(ex.as_json(), status=400)
-        scope = RequestScope(target=target)
+        scope = RequestScope(target=target, headers=headers)
         token = current_request.set(scope)
         try:
             own = own_handlers.get((method, path))
             if own is not None:
                 return await own(request, queue)
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except routing.RequestError as ex:      # from MultiQueue.put: extra_data or a conflict
+                return web.json_response(ex.as_json(), status=400)
             if placing and scope.placed_gpu is not None:
-                return _with_gpu_id(response, scope.placed_gpu)
+                return _amended(response, gpu_id=scope.placed_gpu, number=scope.placed_number,
+                                gpu_pool=scope.placed_pool)
             if (method, path) == ("GET", "/queue") and target is not None:
-                return _with_gpu_id(response, target)
+                return _amended(response, gpu_id=target)
             return response
         finally:
             current_request.reset(token)

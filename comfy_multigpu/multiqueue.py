@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-from . import routing
+from . import placement, routing
 from .context import current_request, request_target
-from .pool import WorkerPool
+from .pool import AutoPrompt, WorkerPool
 
 
 class MultiQueue:
@@ -27,27 +27,37 @@ class MultiQueue:
         return [self.pool.workers[target]]
 
     # ---- placement -------------------------------------------------------------------------
-    def loads(self) -> list[routing.WorkerLoad]:
+    def loads(self) -> list[placement.WorkerLoad]:
         with self.mutex:
-            return [routing.WorkerLoad(w.gpu_id, not w.down, len(w.running), len(w.pending), w.recent_models())
+            return [placement.WorkerLoad(w.gpu_id, not w.down, len(w.running), len(w.pending),
+                                         w.recent_models(), w.weight, w.free_memory)
                     for w in self.pool.workers]
 
     def put(self, item: tuple) -> int:
-        """Queue a stock 6-tuple on the request's target GPU (pinned: never moves), or place it with
-        routing.choose_least_loaded (auto: an idle worker may take it over later); returns the GPU."""
+        """Queue a stock 6-tuple on the request's target GPU (pinned: never moves), or place it in its
+        pool with placement.choose_least_loaded (auto: an idle worker of the pool may take it over
+        later), in the priority band X-PRIORITY / extra_data.priority asks for; returns the GPU.
+        Raises routing.RequestError (answered 400 by the middleware) before anything is queued."""
         scope = current_request.get()
+        pool = self.pool
+        where = routing.resolve(scope.target if scope is not None else None,
+                                scope.headers if scope is not None else {}, item[3],
+                                pool.pools, pool.default_pool)
+        number = placement.queue_number(item[0], where.priority)
+        if number != item[0]:
+            item = (number,) + tuple(item[1:])
         with self.mutex:
-            gpu = scope.target if scope is not None and scope.target is not None else None
+            gpu = where.target
             if gpu is None:
-                models = routing.prompt_models(item[2])
-                gpu = routing.choose_least_loaded(self.loads(), models)
-                if gpu is None:   # no worker is up: keep the prompt, the first worker takes it when up
-                    gpu = 0
-                self.pool.auto[item[1]] = models
-            self.pool.workers[gpu].push(item)
-            self.pool.wake_idle()
+                models = placement.prompt_models(item[2])
+                gpu = placement.choose_least_loaded(self.loads(), models, where.eligible)
+                if gpu is None:   # no worker of the pool is up: it waits for the first one that comes up
+                    gpu = min(where.eligible) if where.eligible else 0
+                pool.auto[item[1]] = AutoPrompt(models, where.eligible)
+            pool.workers[gpu].push(item)
+            pool.wake_idle()
             if scope is not None:
-                scope.placed_gpu = gpu
+                scope.placed_gpu, scope.placed_pool, scope.placed_number = gpu, where.pool, number
         self.server.queue_updated()
         return gpu
 
@@ -161,6 +171,8 @@ class MultiQueue:
                     entry["queue_pending"] = [item[:5] for item in sorted(w.pending)]
                 queues.append(entry)
         return {"queues": queues,
+                "pools": {name: list(gpus) for name, gpus in self.pool.pools.items()},
+                "default_pool": self.pool.default_pool,
                 "total_running": sum(q["running_count"] for q in queues),
                 "total_pending": sum(q["pending_count"] for q in queues),
                 "housekeeping": {"gc_runs": self.pool.gc_runs}}

@@ -11,9 +11,10 @@ import gc
 import logging
 import threading
 import time
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
 
-from . import routing
+from . import placement
 from .worker import GpuWorker
 
 logger = logging.getLogger("comfy_multigpu")
@@ -45,12 +46,24 @@ def executor_cache_settings(args, total_ram_mb: float):
     return cache_type, {"lru": args.cache_lru, "ram": cache_ram, "ram_inactive": cache_ram_inactive}
 
 
+@dataclass(frozen=True)
+class AutoPrompt:
+    """What an auto-placed prompt carries while it waits and may still move to another worker."""
+    models: frozenset
+    eligible: Optional[frozenset] = None     # GPUs of its pool (None: any)
+
+
 class WorkerPool:
-    def __init__(self, devices: Iterable[tuple[Any, str]]):
+    def __init__(self, devices: Iterable[tuple[Any, str]], pools: Optional[Mapping[str, tuple]] = None,
+                 weights: tuple = ()):
         self.mutex = threading.RLock()
         self.workers = [GpuWorker(self, i, dev, label) for i, (dev, label) in enumerate(devices)]
+        for w, weight in zip(self.workers, weights):
+            w.weight = weight
+        self.pools: dict[str, tuple] = dict(pools or {"all": tuple(range(len(self.workers)))})
+        self.default_pool: Optional[str] = "default" if "default" in self.pools else None
         self.history: dict[str, dict] = {}
-        self.auto: dict[str, frozenset] = {}       # auto-placed prompt id -> its models, while pending
+        self.auto: dict[str, AutoPrompt] = {}     # auto-placed prompt id -> its facts, while pending
         self.task_counter = 0
         self.server = None
         self._gc_cond = threading.Condition(threading.Lock())
@@ -87,25 +100,34 @@ class WorkerPool:
             if not w.started.wait(timeout):
                 logger.error("[GPU %s] Worker did not start within %.0f s", w.gpu_id, timeout)
 
-    # ---- queue mechanics (placement policy lives in routing.py) -------------------------------
-    def takeover_candidate(self, worker: GpuWorker) -> Optional[routing.Waiting]:
-        """An auto-placed prompt waiting behind a busy worker that this idle worker should run instead."""
+    # ---- queue mechanics (placement policy lives in placement.py) -----------------------------
+    def takeover_candidate(self, worker: GpuWorker, below_rank: int = 3) -> Optional[placement.Waiting]:
+        """An auto-placed prompt waiting behind a busy worker that `worker` should run instead (one its
+        pool allows, of a priority rank below `below_rank`)."""
         with self.mutex:
-            waiting = [routing.Waiting(item[1], item[0], owner.gpu_id, self.auto[item[1]])
-                       for owner in self.workers if owner is not worker and owner.busy
-                       for item in owner.pending if item[1] in self.auto]
-            return routing.choose_takeover(worker.recent_models(), waiting)
+            waiting = []
+            for owner in self.workers:
+                if owner is worker or not owner.busy:
+                    continue
+                for item in owner.pending:
+                    auto = self.auto.get(item[1])
+                    if auto is not None:
+                        waiting.append(placement.Waiting(item[1], item[0], owner.gpu_id, auto.models, auto.eligible))
+            return placement.choose_takeover(worker.gpu_id, worker.recent_models(), waiting, below_rank)
 
     def take_next(self, worker: GpuWorker) -> Optional[tuple[tuple, int]]:
-        """The worker's own next prompt, else one taken over from a busy worker (pinned ones never move)."""
+        """The worker's own next prompt, unless a busy worker holds an auto prompt of higher priority
+        that this one may run; with nothing of its own, one taken over from a busy worker. Pinned
+        prompts never move."""
         import heapq
         with self.mutex:
-            if worker.pending:
+            own_rank = placement.priority_rank(worker.pending[0][0]) if worker.pending else 3
+            chosen = self.takeover_candidate(worker, own_rank) if own_rank > 0 else None
+            if chosen is None:
+                if not worker.pending:
+                    return None
                 item = heapq.heappop(worker.pending)
             else:
-                chosen = self.takeover_candidate(worker)
-                if chosen is None:
-                    return None
                 owner = self.workers[chosen.owner]
                 index = next(i for i, it in enumerate(owner.pending) if it[1] == chosen.prompt_id)
                 item = owner.pending.pop(index)
@@ -136,9 +158,9 @@ class WorkerPool:
             self.server.queue_updated()
 
     def wake_idle(self) -> None:
-        """Let idle workers look for prompts to take over (pool.mutex held)."""
+        """Let workers that are not running anything look for prompts to take over (pool.mutex held)."""
         for w in self.workers:
-            if not w.busy and not w.pending:
+            if not w.busy:
                 w.cond.notify()
 
     def find_running(self, prompt_id: str) -> Optional[GpuWorker]:

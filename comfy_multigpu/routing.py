@@ -1,65 +1,54 @@
-"""Routing policy as pure functions: reading X-TARGET-GPU, placing "auto" prompts, and choosing
-which waiting auto prompt an idle worker takes over from a busy one."""
+"""Request routing rules as pure functions: reading X-TARGET-GPU, X-GPU-POOL and X-PRIORITY (or their
+extra_data twins) into where a prompt may run and in which priority band, with 400-ready errors."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
+
+from .placement import PRIORITIES
 
 HEADER = "X-TARGET-GPU"
+POOL_HEADER = "X-GPU-POOL"
+PRIORITY_HEADER = "X-PRIORITY"
+POOL_KEY = "gpu_pool"          # extra_data keys with the same meaning as the headers
+PRIORITY_KEY = "priority"
 AUTO = "auto"
 
 
-class TargetError(ValueError):
-    """X-TARGET-GPU names no usable GPU; carries the value seen and the values that are valid."""
+class RequestError(ValueError):
+    """A routing value names nothing usable; carries where it came from, the value and the valid ones."""
+    kind = "invalid_request"
 
-    def __init__(self, value: str, valid: list, reason: str):
+    def __init__(self, source: str, value: Any, valid: list, reason: str, kind: Optional[str] = None):
+        self.source = source
         self.value = value
         self.valid = valid
         self.reason = reason
-        super().__init__(f"{HEADER} {value!r} {reason}")
+        if kind is not None:
+            self.kind = kind
+        super().__init__(f"{source} {value!r} {reason}")
 
     def as_json(self) -> dict:
         """Stock ComfyUI error shape (type/message/details/extra_info) plus node_errors, as /prompt uses."""
         valid_text = ", ".join(str(v) for v in self.valid)
         return {
             "error": {
-                "type": "invalid_target_gpu",
+                "type": self.kind,
                 "message": str(self),
                 "details": f"valid values: {valid_text}",
-                "extra_info": {"header": HEADER, "value": self.value, "valid": self.valid},
+                "extra_info": {"header" if self.source.startswith("X-") else "field": self.source,
+                               "value": self.value, "valid": self.valid},
             },
             "node_errors": {},
         }
 
 
-@dataclass(frozen=True)
-class WorkerLoad:
-    """What placement needs to know of one worker at one moment."""
-    gpu_id: int
-    up: bool
-    running: int
-    pending: int
-    models: frozenset = frozenset()     # model files its recent prompts loaded (see prompt_models)
+class TargetError(RequestError):
+    """X-TARGET-GPU names no usable GPU."""
+    kind = "invalid_target_gpu"
 
-
-# Loader inputs that name a model file (CheckpointLoaderSimple, UNETLoader, CLIPLoader, DualCLIPLoader,
-# VAELoader, LoraLoader, ControlNetLoader, UpscaleModelLoader, ...).
-MODEL_INPUTS = ("ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3",
-                "vae_name", "lora_name", "control_net_name", "model_name", "style_model_name")
-
-
-def prompt_models(prompt: Mapping) -> frozenset:
-    """The model files an API-format prompt loads, as "input:filename" keys (from its loader nodes)."""
-    keys = set()
-    for node in prompt.values() if isinstance(prompt, Mapping) else ():
-        inputs = node.get("inputs") if isinstance(node, Mapping) else None
-        if not isinstance(inputs, Mapping):
-            continue
-        for name in MODEL_INPUTS:
-            value = inputs.get(name)
-            if isinstance(value, str) and value:
-                keys.add(f"{name}:{value}")
-    return frozenset(keys)
+    def __init__(self, value: str, valid: list, reason: str):
+        super().__init__(HEADER, value, valid, reason)
 
 
 def valid_targets(gpu_count: int, down: frozenset[int] = frozenset()) -> list:
@@ -83,28 +72,65 @@ def parse_target(raw: str | None, gpu_count: int, down: frozenset[int] = frozens
     return index
 
 
-def choose_least_loaded(loads: Sequence[WorkerLoad], models: frozenset = frozenset()) -> int | None:
-    """The up worker with the fewest running + pending prompts; among equally loaded ones the one that
-    already ran most of the prompt's `models`; then the lowest index."""
-    candidates = [w for w in loads if w.up]
-    if not candidates:
+def parse_pool(raw: Any, source: str, pools: Mapping[str, tuple]) -> Optional[str]:
+    """The configured pool a header or extra_data value names (case-insensitive); None when absent."""
+    if raw is None:
         return None
-    best = min(candidates, key=lambda w: (w.running + w.pending, -len(models & w.models), w.gpu_id))
-    return best.gpu_id
+    if not isinstance(raw, str):
+        raise RequestError(source, raw, sorted(pools), "is not a pool name (a string)", "invalid_gpu_pool")
+    name = raw.strip().lower()
+    if name == "":
+        return None
+    if name not in pools:
+        raise RequestError(source, raw, sorted(pools), "is not a configured GPU pool (COMFY_MULTIGPU_POOLS)",
+                           "invalid_gpu_pool")
+    return name
+
+
+def parse_priority(raw: Any, source: str) -> Optional[str]:
+    """high | normal | low (case-insensitive); None when absent."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or raw.strip().lower() not in PRIORITIES:
+        raise RequestError(source, raw, list(PRIORITIES), "is not a priority", "invalid_priority")
+    return raw.strip().lower()
 
 
 @dataclass(frozen=True)
-class Waiting:
-    """An auto-placed prompt waiting in a busy worker's queue: a candidate to be taken over."""
-    prompt_id: str
-    number: float           # queue order (lower first; "front" prompts are negative)
-    owner: int              # the GPU whose queue holds it now
-    models: frozenset = frozenset()
+class Routing:
+    """Where one prompt may run: pinned GPU (None: auto), pool and its GPUs (None: any), priority."""
+    target: Optional[int]
+    pool: Optional[str]
+    eligible: Optional[frozenset]
+    priority: Optional[str]
 
 
-def choose_takeover(idle_models: frozenset, waiting: Sequence[Waiting]) -> Optional[Waiting]:
-    """What an idle worker takes from busy workers' queues: the earliest-queued auto prompt, preferring
-    one whose models it already ran (so that the takeover does not cost a model load)."""
-    if not waiting:
-        return None
-    return min(waiting, key=lambda w: (-len(idle_models & w.models), w.number, w.prompt_id))
+def _one_of(header_value: Optional[str], body_value: Optional[str], header: str, key: str, valid: list,
+            kind: str) -> Optional[str]:
+    if header_value is not None and body_value is not None and header_value != body_value:
+        raise RequestError(header, header_value, valid, f"disagrees with extra_data.{key} {body_value!r}; "
+                           f"send one of them", kind)
+    return header_value if header_value is not None else body_value
+
+
+def resolve(target: Optional[int], headers: Mapping[str, Optional[str]], extra_data: Any,
+            pools: Mapping[str, tuple], default_pool: Optional[str] = None) -> Routing:
+    """Combine the parsed X-TARGET-GPU with the pool and priority from headers and extra_data.
+
+    A pinned prompt must lie inside the pool it names; a prompt that names no pool goes to
+    `default_pool` if one is configured (a pinned prompt is then not restricted by it)."""
+    extra = extra_data if isinstance(extra_data, Mapping) else {}
+    pool = _one_of(parse_pool(headers.get(POOL_HEADER), POOL_HEADER, pools),
+                   parse_pool(extra.get(POOL_KEY), f"extra_data.{POOL_KEY}", pools),
+                   POOL_HEADER, POOL_KEY, sorted(pools), "invalid_gpu_pool")
+    priority = _one_of(parse_priority(headers.get(PRIORITY_HEADER), PRIORITY_HEADER),
+                       parse_priority(extra.get(PRIORITY_KEY), f"extra_data.{PRIORITY_KEY}"),
+                       PRIORITY_HEADER, PRIORITY_KEY, list(PRIORITIES), "invalid_priority")
+    if pool is not None and target is not None and target not in pools[pool]:
+        raise RequestError(HEADER, str(target), list(pools[pool]),
+                           f"is not in GPU pool {pool!r}; pin a GPU of the pool or drop one of the two",
+                           "invalid_target_gpu")
+    if pool is None and target is None and default_pool is not None:
+        pool = default_pool
+    eligible = frozenset(pools[pool]) if pool is not None else None
+    return Routing(target, pool, eligible, priority)

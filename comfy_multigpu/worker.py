@@ -54,6 +54,8 @@ class GpuWorker:
         self._loaded: dict[int, weakref.ref] = {}   # LoadedModel has __eq__ but no __hash__
         self.save_keys: set = set()
         self._models: dict[str, None] = {}     # model keys of recent successful prompts, oldest first
+        self.weight = 1.0                       # relative speed for placement (COMFY_MULTIGPU_GPU_WEIGHTS)
+        self.free_memory: Optional[int] = None  # device bytes free after the last prompt (CUDA only)
 
     # ---- queue side (called with pool.mutex held) -------------------------------------------
     @property
@@ -81,6 +83,18 @@ class GpuWorker:
 
     def recent_models(self) -> frozenset:
         return frozenset(self._models)
+
+    def measure_free_memory(self) -> None:
+        """Device memory free now (placement prefers the GPU where a load evicts least); CUDA only:
+        CPU workers share one RAM, so it cannot tell them apart."""
+        if getattr(self.device, "type", "cpu") != "cuda":
+            return
+        import comfy.model_management
+        try:
+            self.free_memory = int(comfy.model_management.get_free_memory(self.device))
+        except Exception:      # a device in trouble: placement then treats it as full
+            self.log.warning("Could not read free memory of %s", self.label, exc_info=True)
+            self.free_memory = 0
 
     # ---- models this worker loaded ------------------------------------------------------------
     def note_loaded(self, loaded_model) -> None:
@@ -120,6 +134,7 @@ class GpuWorker:
             import torch
             torch.cuda.set_device(self.device)
         executor = self.pool.new_executor(server)
+        self.measure_free_memory()
         self.up = True
         self.log.info("Worker started on %s", self.label)
         self.started.set()
@@ -158,8 +173,9 @@ class GpuWorker:
         finally:
             self.pool.release_save_keys(self)
         if success:
-            from .routing import prompt_models
+            from .placement import prompt_models
             self.remember_models(prompt_models(item[2]))
+        self.measure_free_memory()
         status = execution.PromptQueue.ExecutionStatus(
             status_str="success" if success else "error", completed=success, messages=messages)
         self.pool.task_done(self, item_id, executor.history_result, status)
@@ -180,10 +196,11 @@ class GpuWorker:
         if free_memory:
             executor.reset()
             self.log.info("Reset node caches (/free)")
+        self.measure_free_memory()
         self.pool.request_gc()
 
     def snapshot(self) -> dict:
         """Counts for /queue/all and placement (pool.mutex held by the caller)."""
         return {"gpu_id": self.gpu_id, "device": self.label, "up": not self.down,
-                "models": sorted(self._models),
+                "weight": self.weight, "free_memory": self.free_memory, "models": sorted(self._models),
                 "running_count": len(self.running), "pending_count": len(self.pending)}

@@ -59,3 +59,36 @@ def test_cuda_count_before_torch_import_follows_cuda_visible_devices(tmp_path, v
 
 def test_no_nvidia_driver_means_no_cuda(tmp_path):
     assert cuda_count_without_torch({}, proc_root=str(tmp_path)) == 0
+
+
+@pytest.mark.parametrize("env, pools, weights", [
+    ({"COMFY_NUM_GPUS": "4"}, {"all": (0, 1, 2, 3)}, (1.0, 1.0, 1.0, 1.0)),
+    ({"COMFY_NUM_GPUS": "4", "COMFY_MULTIGPU_POOLS": "fast=0,1;slow=2,3;vip=3"},
+     {"fast": (0, 1), "slow": (2, 3), "vip": (3,), "all": (0, 1, 2, 3)}, (1.0,) * 4),
+    ({"COMFY_NUM_GPUS": "4", "COMFY_MULTIGPU_POOLS": " Fast = 1, 0 ,1 ; default=0;"},
+     {"fast": (0, 1), "default": (0,), "all": (0, 1, 2, 3)}, (1.0,) * 4),
+    ({"COMFY_NUM_GPUS": "2", "COMFY_MULTIGPU_POOLS": "all=1"}, {"all": (1,)}, (1.0, 1.0)),
+    ({"COMFY_NUM_GPUS": "3", "COMFY_MULTIGPU_GPU_WEIGHTS": "0:2, 2:0.5"}, {"all": (0, 1, 2)}, (2.0, 1.0, 0.5)),
+])
+def test_pools_and_weights(env, pools, weights):
+    s = resolve_settings(env, 0, False)
+    assert (dict(s.pools), s.weights) == (pools, weights)
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"COMFY_MULTIGPU_POOLS": "fast=0,4"}, "GPU 4 does not exist"),
+    ({"COMFY_MULTIGPU_POOLS": "fast"}, "not name=GPU,GPU"),
+    ({"COMFY_MULTIGPU_POOLS": "fast=0;fast=1"}, "defined twice"),
+    ({"COMFY_MULTIGPU_POOLS": "fast="}, "lists no GPU"),
+    ({"COMFY_MULTIGPU_POOLS": "f ast=0"}, "not name=GPU,GPU"),
+    ({"COMFY_MULTIGPU_POOLS": "fast=a"}, "not a GPU index"),
+    ({"COMFY_MULTIGPU_GPU_WEIGHTS": "0:0"}, "must be a number above 0"),
+    ({"COMFY_MULTIGPU_GPU_WEIGHTS": "0:nan"}, "must be a number above 0"),
+    ({"COMFY_MULTIGPU_GPU_WEIGHTS": "0:fast"}, "must be a number above 0"),
+    ({"COMFY_MULTIGPU_GPU_WEIGHTS": "0=2"}, "not GPU:weight"),
+    ({"COMFY_MULTIGPU_GPU_WEIGHTS": "9:2"}, "GPU 9 does not exist"),
+    ({"COMFY_MULTIGPU_GPU_WEIGHTS": "0:2,0:3"}, "listed twice"),
+])
+def test_bad_pools_and_weights_are_errors_that_say_what_to_fix(env, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        resolve_settings({"COMFY_NUM_GPUS": "4", **env}, 0, False)

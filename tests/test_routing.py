@@ -1,8 +1,8 @@
-"""X-TARGET-GPU parsing and least-loaded placement (comfy_multigpu.routing): pure, table-driven."""
+"""Request routing rules (comfy_multigpu.routing): X-TARGET-GPU, X-GPU-POOL, X-PRIORITY and their
+extra_data twins, read into where a prompt may run; pure, table-driven."""
 import pytest
 
-from comfy_multigpu.routing import (TargetError, Waiting, WorkerLoad, choose_least_loaded, choose_takeover,
-                                    parse_target, prompt_models)
+from comfy_multigpu.routing import RequestError, TargetError, parse_target, resolve
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -33,46 +33,46 @@ def test_a_down_gpu_is_refused_and_left_out_of_the_valid_list():
     assert info.value.valid == ["auto", 0, 1, 3]
 
 
-@pytest.mark.parametrize("loads, expected", [
-    ([(0, True, 1, 0), (1, True, 0, 0)], 1),
-    ([(0, True, 0, 0), (1, True, 0, 0)], 0),                  # ties: lowest index
-    ([(0, True, 1, 3), (1, True, 1, 1), (2, True, 1, 2)], 1),
-    ([(0, False, 0, 0), (1, True, 5, 5)], 1),                 # down workers are never chosen
-    ([(0, False, 0, 0), (1, False, 0, 0)], None),
+
+POOLS = {"fast": (0, 1), "slow": (2, 3), "vip": (3,), "all": (0, 1, 2, 3)}
+
+
+@pytest.mark.parametrize("target, headers, extra, default, expected", [
+    (None, {}, {}, None, (None, None, None, None)),
+    (None, {"X-GPU-POOL": "fast"}, {}, None, (None, "fast", {0, 1}, None)),
+    (None, {"X-GPU-POOL": " FAST "}, {}, None, (None, "fast", {0, 1}, None)),          # case and spaces
+    (None, {}, {"gpu_pool": "slow"}, None, (None, "slow", {2, 3}, None)),
+    (None, {"X-GPU-POOL": "vip"}, {"gpu_pool": "VIP"}, None, (None, "vip", {3}, None)),  # agreeing twins
+    (3, {"X-GPU-POOL": "slow"}, {}, None, (3, "slow", {2, 3}, None)),                  # pin inside its pool
+    (None, {}, {}, "fast", (None, "fast", {0, 1}, None)),                              # default pool
+    (2, {}, {}, "fast", (2, None, None, None)),                                        # pin beats default
+    (None, {"X-GPU-POOL": "all"}, {}, "fast", (None, "all", {0, 1, 2, 3}, None)),
+    (None, {"X-PRIORITY": "High"}, {}, None, (None, None, None, "high")),
+    (None, {}, {"priority": "low"}, None, (None, None, None, "low")),
+    (None, {"X-GPU-POOL": ""}, {}, None, (None, None, None, None)),                    # empty = absent
+    (None, {}, "not a dict", None, (None, None, None, None)),                          # stock's problem
 ])
-def test_least_loaded_choice(loads, expected):
-    assert choose_least_loaded([WorkerLoad(*w) for w in loads]) == expected
+def test_requests_resolve_to_a_gpu_pool_and_priority(target, headers, extra, default, expected):
+    r = resolve(target, headers, extra, POOLS, default)
+    assert (r.target, r.pool, set(r.eligible) if r.eligible is not None else None, r.priority) == expected
 
 
-@pytest.mark.parametrize("loads, models, expected", [
-    ([(0, True, 0, 0, {"ckpt_name:a"}), (1, True, 0, 0, {"ckpt_name:b"})], {"ckpt_name:b"}, 1),   # affinity among idle
-    ([(0, True, 0, 0, set()), (1, True, 1, 0, {"ckpt_name:b"})], {"ckpt_name:b"}, 0),            # idle beats affinity
-    ([(0, True, 1, 0, {"ckpt_name:a"}), (1, True, 1, 0, {"ckpt_name:b"})], {"ckpt_name:a"}, 0),
-    ([(0, True, 0, 0, {"ckpt_name:a"}), (1, True, 0, 0, {"ckpt_name:a", "lora_name:x"})],
-     {"ckpt_name:a", "lora_name:x"}, 1),                                                         # most overlap
-    ([(0, False, 0, 0, {"ckpt_name:b"}), (1, True, 3, 0, set())], {"ckpt_name:b"}, 1),          # down never
+@pytest.mark.parametrize("target, headers, extra, kind, fragment, valid", [
+    (None, {"X-GPU-POOL": "gpu"}, {}, "invalid_gpu_pool", "not a configured GPU pool",
+     ["all", "fast", "slow", "vip"]),
+    (None, {}, {"gpu_pool": 3}, "invalid_gpu_pool", "not a pool name", ["all", "fast", "slow", "vip"]),
+    (None, {"X-GPU-POOL": "fast"}, {"gpu_pool": "slow"}, "invalid_gpu_pool", "disagrees", None),
+    (0, {"X-GPU-POOL": "slow"}, {}, "invalid_target_gpu", "not in GPU pool 'slow'", [2, 3]),
+    (None, {"X-PRIORITY": "urgent"}, {}, "invalid_priority", "not a priority", ["high", "normal", "low"]),
+    (None, {}, {"priority": 1}, "invalid_priority", "not a priority", ["high", "normal", "low"]),
+    (None, {"X-PRIORITY": "high"}, {"priority": "low"}, "invalid_priority", "disagrees", None),
 ])
-def test_placement_prefers_idle_then_the_gpu_that_has_the_models(loads, models, expected):
-    snapshot = [WorkerLoad(g, up, r, p, frozenset(m)) for g, up, r, p, m in loads]
-    assert choose_least_loaded(snapshot, frozenset(models)) == expected
-
-
-def test_prompt_models_reads_the_loader_nodes():
-    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
-              "2": {"class_type": "LoraLoader", "inputs": {"lora_name": "x.safetensors", "model": ["1", 0]}},
-              "3": {"class_type": "KSampler", "inputs": {"seed": 1}},
-              "4": "not a node", "5": {"inputs": "nor this"}}
-    assert prompt_models(prompt) == {"ckpt_name:sd15.safetensors", "lora_name:x.safetensors"}
-    assert prompt_models({}) == frozenset() and prompt_models([]) == frozenset()
-
-
-@pytest.mark.parametrize("idle_models, waiting, expected", [
-    (set(), [("a", 5, 0, set()), ("b", 3, 1, set())], "b"),                          # earliest queued
-    ({"ckpt_name:m"}, [("a", 3, 0, set()), ("b", 5, 1, {"ckpt_name:m"})], "b"),     # no load needed
-    ({"ckpt_name:m"}, [("a", -1, 0, set()), ("b", 5, 0, set())], "a"),              # front first
-    (set(), [], None),
-])
-def test_an_idle_worker_takes_the_best_waiting_auto_prompt(idle_models, waiting, expected):
-    candidates = [Waiting(pid, n, owner, frozenset(m)) for pid, n, owner, m in waiting]
-    chosen = choose_takeover(frozenset(idle_models), candidates)
-    assert (chosen.prompt_id if chosen else None) == expected
+def test_bad_pools_and_priorities_are_400_errors_naming_the_valid_values(target, headers, extra, kind,
+                                                                        fragment, valid):
+    with pytest.raises(RequestError, match=fragment) as info:
+        resolve(target, headers, extra, POOLS)
+    body = info.value.as_json()["error"]
+    assert body["type"] == kind
+    if valid is not None:
+        assert body["extra_info"]["valid"] == valid
+        assert body["details"] == "valid values: " + ", ".join(str(v) for v in valid)

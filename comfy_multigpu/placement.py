@@ -1,0 +1,111 @@
+"""Placement policy as pure functions over a snapshot of worker state: where an auto prompt is queued,
+which waiting prompt an idle worker takes over, the models a prompt loads, and priority ranks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+PRIORITIES = ("high", "normal", "low")
+PRIORITY_SPAN = 1e9     # queue numbers: high < 0 <= normal < PRIORITY_SPAN <= low
+GIB = 1 << 30
+
+
+def queue_number(number: float, priority: Optional[str]) -> float:
+    """The heap number that puts a prompt in its priority band (None: keep stock's number, where
+    "front": true already made it negative). Within a band, earlier prompts go first."""
+    if priority is None:
+        return number
+    base = abs(number)
+    return {"high": base - PRIORITY_SPAN, "normal": base, "low": base + PRIORITY_SPAN}[priority]
+
+
+def priority_rank(number: float) -> int:
+    """0 high (also stock's "front"), 1 normal, 2 low."""
+    return 0 if number < 0 else (2 if number >= PRIORITY_SPAN else 1)
+
+
+# Loader inputs that name a model file (CheckpointLoaderSimple, UNETLoader, CLIPLoader, DualCLIPLoader,
+# VAELoader, LoraLoader, ControlNetLoader, UpscaleModelLoader, ...).
+MODEL_INPUTS = ("ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3",
+                "vae_name", "lora_name", "control_net_name", "model_name", "style_model_name")
+
+
+def prompt_models(prompt: Mapping) -> frozenset:
+    """The model files an API-format prompt loads, as "input:filename" keys (from its loader nodes)."""
+    keys = set()
+    for node in prompt.values() if isinstance(prompt, Mapping) else ():
+        inputs = node.get("inputs") if isinstance(node, Mapping) else None
+        if not isinstance(inputs, Mapping):
+            continue
+        for name in MODEL_INPUTS:
+            value = inputs.get(name)
+            if isinstance(value, str) and value:
+                keys.add(f"{name}:{value}")
+    return frozenset(keys)
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What placement needs to know of one worker at one moment."""
+    gpu_id: int
+    up: bool
+    running: int
+    pending: int
+    models: frozenset = frozenset()        # model files its recent prompts loaded (see prompt_models)
+    weight: float = 1.0                    # relative speed (COMFY_MULTIGPU_GPU_WEIGHTS)
+    free_memory: Optional[int] = None      # bytes free on its device after its last prompt (None: CPU)
+
+    @property
+    def idle(self) -> bool:
+        return self.running + self.pending == 0
+
+
+def _load_cost(w: WorkerLoad, models: frozenset) -> tuple:
+    """Smaller is cheaper: fewer of the prompt's models missing, then more free device memory (whole
+    GiB, so that noise does not decide) to load them into without evicting anything."""
+    missing = len(models - w.models)
+    free = (w.free_memory or 0) // GIB if missing else 0
+    return (missing, -free)
+
+
+def choose_least_loaded(loads: Sequence[WorkerLoad], models: frozenset = frozenset(),
+                        eligible: Optional[frozenset] = None) -> Optional[int]:
+    """Where an auto prompt is queued, among up workers in `eligible` (None: all).
+
+    An idle worker if there is one: the one that already has the prompt's models, then the one where
+    loading them is cheapest, then the fastest (weight), then the lowest index. If all are busy: the
+    one whose queue (running + pending + this prompt) drains first at its weight, then by models and
+    index. Either way an idle worker may take the prompt over later (choose_takeover)."""
+    candidates = [w for w in loads if w.up and (eligible is None or w.gpu_id in eligible)]
+    if not candidates:
+        return None
+    idle = [w for w in candidates if w.idle]
+    if idle:
+        best = min(idle, key=lambda w: (_load_cost(w, models), -w.weight, w.gpu_id))
+    else:
+        best = min(candidates, key=lambda w: ((w.running + w.pending + 1) / w.weight,
+                                              _load_cost(w, models), w.gpu_id))
+    return best.gpu_id
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """An auto-placed prompt waiting in a worker's queue: a candidate to be taken over."""
+    prompt_id: str
+    number: float           # queue order (lower first; high priority and "front" prompts are negative)
+    owner: int              # the GPU whose queue holds it now
+    models: frozenset = frozenset()
+    eligible: Optional[frozenset] = None   # GPUs of its pool (None: any)
+
+
+def choose_takeover(gpu_id: int, idle_models: frozenset, waiting: Sequence[Waiting],
+                    below_rank: int = 3) -> Optional[Waiting]:
+    """What worker `gpu_id` takes from other workers' queues: among prompts its pool allows and of a
+    priority rank below `below_rank`, the highest priority, preferring one whose models it already
+    ran (no model load), then the earliest queued."""
+    allowed = [w for w in waiting if (w.eligible is None or gpu_id in w.eligible)
+               and priority_rank(w.number) < below_rank]
+    if not allowed:
+        return None
+    return min(allowed, key=lambda w: (priority_rank(w.number), -len(idle_models & w.models),
+                                       w.number, w.prompt_id))
