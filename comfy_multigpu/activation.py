@@ -90,7 +90,7 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     specs = [s for s in specs if s.id not in skipped]
 
     pool = WorkerPool(((torch.device(label), label) for label in settings.devices), settings.pools,
-                      settings.weights)
+                      settings.weights, settings.max_overtakes)
     patchset = patching.PatchSet(specs, pool)
     problems = patchset.problems()
     if problems:
@@ -111,9 +111,9 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); DynamicVRAM off; %d patches applied: %s%s",
                 version, len(pool), ", ".join(settings.devices), settings.reason, len(applied),
                 ", ".join(applied), f"; left out on request: {', '.join(sorted(skipped))}" if skipped else "")
-    logger.info("comfy-multigpu: pools %s%s; weights %s", _pool_text(settings.pools),
-                f" (default: {pool.default_pool})" if pool.default_pool else "",
-                ", ".join(f"{i}:{w:g}" for i, w in enumerate(settings.weights)))
+    logger.info("comfy-multigpu: pools %s%s; weights %s; a prompt is overtaken at most %d times",
+                _pool_text(settings.pools), f" (default: {pool.default_pool})" if pool.default_pool else "",
+                ", ".join(f"{i}:{w:g}" for i, w in enumerate(settings.weights)), settings.max_overtakes)
     return ext
 
 

@@ -13,6 +13,9 @@ Rules (docs/configuration.md repeats them for users):
 - COMFY_MULTIGPU_POOLS="fast=0,1;slow=2,3;vip=3" names pools of GPU indices (a pool called "default"
   takes the prompts that name none); COMFY_MULTIGPU_GPU_WEIGHTS="0:2,1:1" gives unequal GPUs their
   relative speed (unlisted GPUs weigh 1).
+- COMFY_MULTIGPU_MAX_OVERTAKES=K: a free worker may start a later prompt whose models it has before
+  an earlier one that would cost a model load, but a prompt is overtaken at most K times
+  (0 = first come, first served; default OVERTAKES_PER_WORKER per worker).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ ENV_NUM_GPUS = "COMFY_NUM_GPUS"
 ENV_DEVICES = "COMFY_MULTIGPU_DEVICES"
 ENV_POOLS = "COMFY_MULTIGPU_POOLS"
 ENV_WEIGHTS = "COMFY_MULTIGPU_GPU_WEIGHTS"
+ENV_OVERTAKES = "COMFY_MULTIGPU_MAX_OVERTAKES"
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
@@ -33,6 +37,7 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda(?::(\d+))?)$")
 _POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 ALL_POOL = "all"          # implicit pool of every GPU (unless configured otherwise)
 DEFAULT_POOL = "default"  # if configured: where prompts that name no pool go
+OVERTAKES_PER_WORKER = 4
 
 
 class ConfigError(ValueError):
@@ -46,6 +51,7 @@ class Settings:
     reason: str
     pools: Mapping[str, tuple[int, ...]] = field(default_factory=dict)   # name -> GPU indices
     weights: tuple[float, ...] = ()                                       # one per device
+    max_overtakes: int = 0
 
 
 def _parse_sched(env: Mapping[str, str]) -> str:
@@ -144,6 +150,16 @@ def parse_weights(raw: str, gpu_count: int) -> tuple[float, ...]:
     return tuple(weights)
 
 
+def parse_overtakes(raw: str, gpu_count: int) -> int:
+    raw = raw.strip()
+    if not raw:
+        return OVERTAKES_PER_WORKER * gpu_count
+    if not raw.isascii() or not raw.isdigit():
+        raise ConfigError(f"{ENV_OVERTAKES}={raw!r} must be a whole number, 0 or more (0 = first come, "
+                          f"first served)")
+    return int(raw)
+
+
 def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) -> Settings:
     """Turn the environment plus what the machine has into the worker devices; raises ConfigError."""
     sched = _parse_sched(env)
@@ -167,11 +183,13 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
         devices = tuple(f"cuda:{i}" for i in range(wanted))
     pools = parse_pools(env.get(ENV_POOLS, ""), len(devices))
     weights = parse_weights(env.get(ENV_WEIGHTS, ""), len(devices))
+    overtakes = parse_overtakes(env.get(ENV_OVERTAKES, ""), len(devices))
+    placement = {"pools": pools, "weights": weights, "max_overtakes": overtakes}
     if sched == "on":
-        return Settings(True, devices, f"{ENV_SCHED}=1", pools, weights)
+        return Settings(True, devices, f"{ENV_SCHED}=1", **placement)
     if len(devices) > 1:
-        return Settings(True, devices, f"{len(devices)} devices", pools, weights)
-    return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset", pools, weights)
+        return Settings(True, devices, f"{len(devices)} devices", **placement)
+    return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset", **placement)
 
 
 def cuda_count_without_torch(env: Mapping[str, str] = os.environ, proc_root: str = "/proc") -> int:

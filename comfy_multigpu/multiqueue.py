@@ -11,7 +11,7 @@ from typing import Callable
 
 from . import placement, routing
 from .context import current_request, request_target
-from .pool import AutoPrompt, WorkerPool
+from .pool import PendingPrompt, WorkerPool
 
 
 class MultiQueue:
@@ -46,14 +46,14 @@ class MultiQueue:
         number = placement.queue_number(item[0], where.priority)
         if number != item[0]:
             item = (number,) + tuple(item[1:])
+        models = placement.prompt_models(item[2])
         with self.mutex:
             gpu = where.target
             if gpu is None:
-                models = placement.prompt_models(item[2])
                 gpu = placement.choose_least_loaded(self.loads(), models, where.eligible)
                 if gpu is None:   # no worker of the pool is up: it waits for the first one that comes up
                     gpu = min(where.eligible) if where.eligible else 0
-                pool.auto[item[1]] = AutoPrompt(models, where.eligible)
+            pool.pending[item[1]] = PendingPrompt(models, where.target is None, where.eligible)
             pool.workers[gpu].push(item)
             pool.wake_idle()
             if scope is not None:
@@ -90,7 +90,7 @@ class MultiQueue:
         with self.mutex:
             for w in self._scope_workers():
                 for item in w.pending:
-                    self.pool.auto.pop(item[1], None)
+                    self.pool.forget_pending(item[1])
                 w.pending.clear()
         self.server.queue_updated()
 
@@ -103,7 +103,7 @@ class MultiQueue:
             if hit is None:
                 return False
             worker, index = hit
-            self.pool.auto.pop(worker.pending.pop(index)[1], None)
+            self.pool.forget_pending(worker.pending.pop(index)[1])
             heapq.heapify(worker.pending)
         self.server.queue_updated()
         return True

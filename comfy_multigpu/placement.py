@@ -51,7 +51,7 @@ class WorkerLoad:
     up: bool
     running: int
     pending: int
-    models: frozenset = frozenset()        # model files its recent prompts loaded (see prompt_models)
+    models: tuple = ()                     # model keys its recent prompts loaded, oldest first
     weight: float = 1.0                    # relative speed (COMFY_MULTIGPU_GPU_WEIGHTS)
     free_memory: Optional[int] = None      # bytes free on its device after its last prompt (None: CPU)
 
@@ -60,12 +60,32 @@ class WorkerLoad:
         return self.running + self.pending == 0
 
 
+def recency(recent: Sequence[str]) -> dict[str, int]:
+    """Model key -> how many other models the worker used since (0 = used last); `recent` oldest first."""
+    return {key: len(recent) - 1 - i for i, key in enumerate(recent)}
+
+
+def affinity(age: Mapping[str, int], models: frozenset) -> tuple[int, int]:
+    """How well a worker (its models' `recency`) suits a prompt, smaller is better: how many of the
+    prompt's models it has not used lately, then how stale the stalest one it has is (the fresher,
+    the likelier it is still loaded)."""
+    missing = 0
+    stale = 0
+    for key in models:
+        a = age.get(key)
+        if a is None:
+            missing += 1
+        elif a > stale:
+            stale = a
+    return missing, stale
+
+
 def _load_cost(w: WorkerLoad, models: frozenset) -> tuple:
-    """Smaller is cheaper: fewer of the prompt's models missing, then more free device memory (whole
-    GiB, so that noise does not decide) to load them into without evicting anything."""
-    missing = len(models - w.models)
+    """Smaller is cheaper: the worker's affinity to the prompt's models, then, if it must load any,
+    more free device memory (whole GiB, so that noise does not decide) to load into without evicting."""
+    missing, stale = affinity(recency(w.models), models)
     free = (w.free_memory or 0) // GIB if missing else 0
-    return (missing, -free)
+    return (missing, stale, -free)
 
 
 def choose_least_loaded(loads: Sequence[WorkerLoad], models: frozenset = frozenset(),
@@ -90,22 +110,39 @@ def choose_least_loaded(loads: Sequence[WorkerLoad], models: frozenset = frozens
 
 @dataclass(frozen=True)
 class Waiting:
-    """An auto-placed prompt waiting in a worker's queue: a candidate to be taken over."""
+    """A prompt a free worker may start: one of its own pending prompts, or an auto-placed one waiting
+    in a busy worker's queue."""
     prompt_id: str
     number: float           # queue order (lower first; high priority and "front" prompts are negative)
     owner: int              # the GPU whose queue holds it now
     models: frozenset = frozenset()
     eligible: Optional[frozenset] = None   # GPUs of its pool (None: any)
+    overtaken: int = 0                     # later prompts started before it to spare a model load
 
 
-def choose_takeover(gpu_id: int, idle_models: frozenset, waiting: Sequence[Waiting],
-                    below_rank: int = 3) -> Optional[Waiting]:
-    """What worker `gpu_id` takes from other workers' queues: among prompts its pool allows and of a
-    priority rank below `below_rank`, the highest priority, preferring one whose models it already
-    ran (no model load), then the earliest queued."""
-    allowed = [w for w in waiting if (w.eligible is None or gpu_id in w.eligible)
-               and priority_rank(w.number) < below_rank]
+def choose_next(gpu_id: int, recent: Sequence[str], waiting: Sequence[Waiting],
+                max_overtakes: int = 0) -> Optional[Waiting]:
+    """What free worker `gpu_id` (recent models `recent`, oldest first) starts next.
+
+    Only prompts its pool allows, and only the highest priority band among them. In that band, a
+    prompt already overtaken `max_overtakes` times goes first (oldest first); otherwise the one whose
+    models the worker ran lately (no model load), then the earliest queued. max_overtakes=0 is plain
+    first-come-first-served per band."""
+    allowed = [w for w in waiting if w.eligible is None or gpu_id in w.eligible]
     if not allowed:
         return None
-    return min(allowed, key=lambda w: (priority_rank(w.number), -len(idle_models & w.models),
-                                       w.number, w.prompt_id))
+    band = min(priority_rank(w.number) for w in allowed)
+    allowed = [w for w in allowed if priority_rank(w.number) == band]
+    overdue = [w for w in allowed if w.overtaken >= max_overtakes]
+    if overdue:
+        return min(overdue, key=lambda w: (w.number, w.prompt_id))
+    age = recency(recent)
+    return min(allowed, key=lambda w: (affinity(age, w.models), w.number, w.prompt_id))
+
+
+def overtaken_by(gpu_id: int, chosen: Waiting, waiting: Sequence[Waiting]) -> list[str]:
+    """The prompts worker `gpu_id` could have started instead of `chosen`: same band, queued before it
+    (their overtaken counts grow)."""
+    rank = priority_rank(chosen.number)
+    return [w.prompt_id for w in waiting if w.number < chosen.number and priority_rank(w.number) == rank
+            and (w.eligible is None or gpu_id in w.eligible)]

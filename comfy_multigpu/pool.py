@@ -47,15 +47,17 @@ def executor_cache_settings(args, total_ram_mb: float):
 
 
 @dataclass(frozen=True)
-class AutoPrompt:
-    """What an auto-placed prompt carries while it waits and may still move to another worker."""
+class PendingPrompt:
+    """Placement facts of a waiting prompt: its models, and for an auto-placed one (which may still
+    move to another worker) the GPUs of its pool."""
     models: frozenset
-    eligible: Optional[frozenset] = None     # GPUs of its pool (None: any)
+    movable: bool                             # auto-placed (True) or pinned (False)
+    eligible: Optional[frozenset] = None      # GPUs of its pool (None: any)
 
 
 class WorkerPool:
     def __init__(self, devices: Iterable[tuple[Any, str]], pools: Optional[Mapping[str, tuple]] = None,
-                 weights: tuple = ()):
+                 weights: tuple = (), max_overtakes: int = 0):
         self.mutex = threading.RLock()
         self.workers = [GpuWorker(self, i, dev, label) for i, (dev, label) in enumerate(devices)]
         for w, weight in zip(self.workers, weights):
@@ -63,7 +65,9 @@ class WorkerPool:
         self.pools: dict[str, tuple] = dict(pools or {"all": tuple(range(len(self.workers)))})
         self.default_pool: Optional[str] = "default" if "default" in self.pools else None
         self.history: dict[str, dict] = {}
-        self.auto: dict[str, AutoPrompt] = {}     # auto-placed prompt id -> its facts, while pending
+        self.pending: dict[str, PendingPrompt] = {}   # prompt id -> placement facts, while pending
+        self.overtaken: dict[str, int] = {}        # pending prompt id -> later prompts started before it
+        self.max_overtakes = max_overtakes         # ... at most this often, to spare a model load
         self.task_counter = 0
         self.server = None
         self._gc_cond = threading.Condition(threading.Lock())
@@ -101,45 +105,57 @@ class WorkerPool:
                 logger.error("[GPU %s] Worker did not start within %.0f s", w.gpu_id, timeout)
 
     # ---- queue mechanics (placement policy lives in placement.py) -----------------------------
-    def takeover_candidate(self, worker: GpuWorker, below_rank: int = 3) -> Optional[placement.Waiting]:
-        """An auto-placed prompt waiting behind a busy worker that `worker` should run instead (one its
-        pool allows, of a priority rank below `below_rank`)."""
-        with self.mutex:
-            waiting = []
-            for owner in self.workers:
-                if owner is worker or not owner.busy:
+    def startable(self, worker: GpuWorker) -> list[placement.Waiting]:
+        """What `worker` may start: the first of its pinned prompts (pinned prompts keep their order,
+        as in a stock queue, and never move), its own auto-placed ones, and the auto-placed ones
+        waiting in busy workers' queues (an idle worker starts its own queue itself)."""
+        waiting = []
+        first_pinned = None
+        for owner in self.workers:
+            if owner is not worker and not owner.busy:
+                continue
+            for item in owner.pending:
+                facts = self.pending.get(item[1]) or PendingPrompt(frozenset(), False)
+                if not facts.movable:
+                    if owner is worker and (first_pinned is None or item[:2] < first_pinned[0][:2]):
+                        first_pinned = (item, facts)
                     continue
-                for item in owner.pending:
-                    auto = self.auto.get(item[1])
-                    if auto is not None:
-                        waiting.append(placement.Waiting(item[1], item[0], owner.gpu_id, auto.models, auto.eligible))
-            return placement.choose_takeover(worker.gpu_id, worker.recent_models(), waiting, below_rank)
+                waiting.append(placement.Waiting(item[1], item[0], owner.gpu_id, facts.models, facts.eligible,
+                                                 self.overtaken.get(item[1], 0)))
+        if first_pinned is not None:
+            item, facts = first_pinned
+            waiting.append(placement.Waiting(item[1], item[0], worker.gpu_id, facts.models, None,
+                                             self.overtaken.get(item[1], 0)))
+        return waiting
 
     def take_next(self, worker: GpuWorker) -> Optional[tuple[tuple, int]]:
-        """The worker's own next prompt, unless a busy worker holds an auto prompt of higher priority
-        that this one may run; with nothing of its own, one taken over from a busy worker. Pinned
-        prompts never move."""
+        """The prompt `worker` starts now (placement.choose_next over pool.startable), or None."""
         import heapq
         with self.mutex:
-            own_rank = placement.priority_rank(worker.pending[0][0]) if worker.pending else 3
-            chosen = self.takeover_candidate(worker, own_rank) if own_rank > 0 else None
+            waiting = self.startable(worker)
+            chosen = placement.choose_next(worker.gpu_id, worker.recent_models(), waiting, self.max_overtakes)
             if chosen is None:
-                if not worker.pending:
-                    return None
-                item = heapq.heappop(worker.pending)
-            else:
-                owner = self.workers[chosen.owner]
-                index = next(i for i, it in enumerate(owner.pending) if it[1] == chosen.prompt_id)
-                item = owner.pending.pop(index)
-                heapq.heapify(owner.pending)
+                return None
+            for prompt_id in placement.overtaken_by(worker.gpu_id, chosen, waiting):
+                self.overtaken[prompt_id] = self.overtaken.get(prompt_id, 0) + 1
+            owner = self.workers[chosen.owner]
+            index = next(i for i, it in enumerate(owner.pending) if it[1] == chosen.prompt_id)
+            item = owner.pending.pop(index)
+            heapq.heapify(owner.pending)
+            if owner is not worker:
                 worker.log.info("Took over prompt %s waiting behind GPU %s", item[1], owner.gpu_id)
-            self.auto.pop(item[1], None)
+            self.forget_pending(item[1])
             item_id = self.task_counter
             self.task_counter += 1
             worker.running[item_id] = copy.deepcopy(item)
             self.wake_idle()          # this worker is busy now: its waiting auto prompts may move
         self._queue_updated()
         return item, item_id
+
+    def forget_pending(self, prompt_id: str) -> None:
+        """A prompt left the pending queues (started or deleted): drop its placement facts."""
+        self.pending.pop(prompt_id, None)
+        self.overtaken.pop(prompt_id, None)
 
     def task_done(self, worker: GpuWorker, item_id: int, history_result: dict, status) -> None:
         with self.mutex:

@@ -81,8 +81,9 @@ class GpuWorker:
         while len(self._models) > self.RECENT_MODELS:
             self._models.pop(next(iter(self._models)))
 
-    def recent_models(self) -> frozenset:
-        return frozenset(self._models)
+    def recent_models(self) -> tuple:
+        """Model keys of recent successful prompts, oldest first."""
+        return tuple(self._models)
 
     def measure_free_memory(self) -> None:
         """Device memory free now (placement prefers the GPU where a load evicts least); CUDA only:
@@ -202,5 +203,5 @@ class GpuWorker:
     def snapshot(self) -> dict:
         """Counts for /queue/all and placement (pool.mutex held by the caller)."""
         return {"gpu_id": self.gpu_id, "device": self.label, "up": not self.down,
-                "weight": self.weight, "free_memory": self.free_memory, "models": sorted(self._models),
+                "weight": self.weight, "free_memory": self.free_memory, "models": list(self._models),
                 "running_count": len(self.running), "pending_count": len(self.pending)}

@@ -3,7 +3,7 @@ over, model keys of a prompt, priority bands; pure functions over snapshots, tab
 import pytest
 
 from comfy_multigpu.placement import (GIB, PRIORITY_SPAN, Waiting, WorkerLoad, choose_least_loaded,
-                                      choose_takeover, priority_rank, prompt_models, queue_number)
+                                      choose_next, overtaken_by, priority_rank, prompt_models, queue_number)
 
 @pytest.mark.parametrize("loads, expected", [
     ([(0, True, 1, 0), (1, True, 0, 0)], 1),
@@ -17,15 +17,19 @@ def test_least_loaded_choice(loads, expected):
 
 
 @pytest.mark.parametrize("loads, models, expected", [
-    ([(0, True, 0, 0, {"ckpt_name:a"}), (1, True, 0, 0, {"ckpt_name:b"})], {"ckpt_name:b"}, 1),   # affinity among idle
-    ([(0, True, 0, 0, set()), (1, True, 1, 0, {"ckpt_name:b"})], {"ckpt_name:b"}, 0),            # idle beats affinity
-    ([(0, True, 1, 0, {"ckpt_name:a"}), (1, True, 1, 0, {"ckpt_name:b"})], {"ckpt_name:a"}, 0),
-    ([(0, True, 0, 0, {"ckpt_name:a"}), (1, True, 0, 0, {"ckpt_name:a", "lora_name:x"})],
-     {"ckpt_name:a", "lora_name:x"}, 1),                                                         # most overlap
-    ([(0, False, 0, 0, {"ckpt_name:b"}), (1, True, 3, 0, set())], {"ckpt_name:b"}, 1),          # down never
+    ([(0, True, 0, 0, ["ckpt_name:a"]), (1, True, 0, 0, ["ckpt_name:b"])], {"ckpt_name:b"}, 1),   # affinity among idle
+    ([(0, True, 0, 0, []), (1, True, 1, 0, ["ckpt_name:b"])], {"ckpt_name:b"}, 0),                # idle beats affinity
+    ([(0, True, 1, 0, ["ckpt_name:a"]), (1, True, 1, 0, ["ckpt_name:b"])], {"ckpt_name:a"}, 0),
+    ([(0, True, 0, 0, ["ckpt_name:a"]), (1, True, 0, 0, ["ckpt_name:a", "lora_name:x"])],
+     {"ckpt_name:a", "lora_name:x"}, 1),                                                          # most overlap
+    ([(0, True, 0, 0, ["ckpt_name:a", "ckpt_name:b", "ckpt_name:c"]), (1, True, 0, 0, ["ckpt_name:b", "ckpt_name:a"])],
+     {"ckpt_name:a"}, 1),                                                                        # used it more lately
+    ([(0, True, 0, 0, ["ckpt_name:a", "ckpt_name:b"]), (1, True, 0, 0, ["ckpt_name:b", "ckpt_name:a"])],
+     {"ckpt_name:b"}, 0),
+    ([(0, False, 0, 0, ["ckpt_name:b"]), (1, True, 3, 0, [])], {"ckpt_name:b"}, 1),               # down never
 ])
 def test_placement_prefers_idle_then_the_gpu_that_has_the_models(loads, models, expected):
-    snapshot = [WorkerLoad(g, up, r, p, frozenset(m)) for g, up, r, p, m in loads]
+    snapshot = [WorkerLoad(g, up, r, p, tuple(m)) for g, up, r, p, m in loads]
     assert choose_least_loaded(snapshot, frozenset(models)) == expected
 
 
@@ -39,15 +43,33 @@ def test_prompt_models_reads_the_loader_nodes():
 
 
 @pytest.mark.parametrize("idle_models, waiting, expected", [
-    (set(), [("a", 5, 0, set()), ("b", 3, 1, set())], "b"),                          # earliest queued
-    ({"ckpt_name:m"}, [("a", 3, 0, set()), ("b", 5, 1, {"ckpt_name:m"})], "b"),     # no load needed
-    ({"ckpt_name:m"}, [("a", -1, 0, set()), ("b", 5, 0, set())], "a"),              # front first
-    (set(), [], None),
+    ([], [("a", 5, 0, set()), ("b", 3, 1, set())], "b"),                                 # earliest queued
+    (["ckpt_name:m"], [("a", 3, 0, {"ckpt_name:x"}), ("b", 5, 1, {"ckpt_name:m"})], "b"),  # no load needed
+    (["ckpt_name:m"], [("a", 3, 0, set()), ("b", 5, 1, {"ckpt_name:m"})], "a"),           # neither loads
+    (["ckpt_name:m", "ckpt_name:n"], [("a", 3, 0, {"ckpt_name:m"}), ("b", 5, 1, {"ckpt_name:n"})], "b"),  # fresher
+    (["ckpt_name:m"], [("a", -1, 0, {"ckpt_name:x"}), ("b", 5, 0, {"ckpt_name:m"})], "a"),  # front first
+    ([], [], None),
 ])
-def test_an_idle_worker_takes_the_best_waiting_auto_prompt(idle_models, waiting, expected):
+def test_a_free_worker_starts_the_best_waiting_prompt(idle_models, waiting, expected):
     candidates = [Waiting(pid, n, owner, frozenset(m)) for pid, n, owner, m in waiting]
-    chosen = choose_takeover(5, frozenset(idle_models), candidates)
+    chosen = choose_next(5, tuple(idle_models), candidates, max_overtakes=4)
     assert (chosen.prompt_id if chosen else None) == expected
+
+
+def test_without_overtakes_it_is_first_come_first_served():
+    waiting = [Waiting("a", 3, 0, frozenset({"ckpt_name:x"})), Waiting("b", 5, 1, frozenset({"ckpt_name:m"}))]
+    assert choose_next(5, ("ckpt_name:m",), waiting, max_overtakes=0).prompt_id == "a"
+
+
+def test_a_prompt_overtaken_too_often_goes_first():
+    waiting = [Waiting("c1", 3, 0, frozenset({"ckpt_name:c"}), overtaken=1),
+               Waiting("c0", 2, 0, frozenset({"ckpt_name:c"}), overtaken=1),
+               Waiting("a", 5, 1, frozenset({"ckpt_name:a"}))]
+    assert choose_next(5, ("ckpt_name:a",), waiting, max_overtakes=2).prompt_id == "a"
+    assert overtaken_by(5, waiting[2], waiting) == ["c1", "c0"]
+    worn = [Waiting("c1", 3, 0, frozenset({"ckpt_name:c"}), overtaken=2),
+            Waiting("c0", 2, 0, frozenset({"ckpt_name:c"}), overtaken=2), waiting[2]]
+    assert choose_next(5, ("ckpt_name:a",), worn, max_overtakes=2).prompt_id == "c0"   # oldest overdue first
 
 
 @pytest.mark.parametrize("loads, expected", [
@@ -65,7 +87,7 @@ def test_weights_decide_between_unequal_gpus(loads, expected):
 
 def test_among_idle_gpus_without_the_models_the_one_with_most_free_memory_is_chosen():
     snapshot = [WorkerLoad(0, True, 0, 0, free_memory=3 * GIB), WorkerLoad(1, True, 0, 0, free_memory=20 * GIB),
-                WorkerLoad(2, True, 0, 0, frozenset({"ckpt_name:a"}), free_memory=1 * GIB)]
+                WorkerLoad(2, True, 0, 0, ("ckpt_name:a",), free_memory=1 * GIB)]
     assert choose_least_loaded(snapshot, frozenset({"ckpt_name:b"})) == 1
     assert choose_least_loaded(snapshot, frozenset({"ckpt_name:a"})) == 2      # having it beats free memory
     # differences under 1 GiB are noise: the faster, then the lower index wins
@@ -80,14 +102,16 @@ def test_eligible_gpus_limit_the_choice():
     assert choose_least_loaded([WorkerLoad(0, True, 0, 0), WorkerLoad(1, False, 0, 0)], eligible=frozenset({1})) is None
 
 
-def test_takeover_respects_pools_and_priority_bands():
+def test_the_next_prompt_respects_pools_and_priority_bands():
     high, normal, low = queue_number(7, "high"), queue_number(3, "normal"), queue_number(1, "low")
     waiting = [Waiting("n", normal, 0), Waiting("l", low, 0), Waiting("h-fast", high, 1, eligible=frozenset({0, 1}))]
-    assert choose_takeover(2, frozenset(), waiting).prompt_id == "n"          # GPU 2 is not in h's pool
-    assert choose_takeover(1, frozenset(), waiting).prompt_id == "h-fast"     # high first
-    assert choose_takeover(1, frozenset(), waiting, below_rank=1).prompt_id == "h-fast"
-    assert choose_takeover(2, frozenset(), waiting, below_rank=1) is None     # only something above normal
-    assert choose_takeover(2, frozenset(), [Waiting("l", low, 0)], below_rank=2) is None
+    assert choose_next(2, (), waiting).prompt_id == "n"          # GPU 2 is not in h's pool
+    assert choose_next(1, (), waiting).prompt_id == "h-fast"     # high first
+    assert choose_next(2, (), [Waiting("l", low, 0)]).prompt_id == "l"
+    assert choose_next(2, (), [Waiting("h-fast", high, 1, eligible=frozenset({0, 1}))]) is None
+    # a high prompt overtakes nothing: lower bands do not count as overtaken
+    assert overtaken_by(1, waiting[2], waiting) == []
+    assert overtaken_by(1, waiting[0], waiting) == []
 
 
 @pytest.mark.parametrize("number, priority, rank", [

@@ -119,3 +119,18 @@ def test_bad_pool_or_priority_is_a_400_that_queues_nothing(pools4, headers, body
         assert error["extra_info"]["valid"] == valid
     assert pools4.get("/queue/all", counts=1)["total_pending"] == before
     assert pools4.get("/queue/all", counts=1)["total_running"] == 0
+
+
+def test_a_free_gpu_runs_waiting_auto_prompts_whose_model_it_has_first_but_pinned_ones_in_order(pools4):
+    warm = submit(pools4, wf.standin("bench-a", 0.01, 0, load_seconds=0.0), pool="vip")["prompt_id"]
+    pools4.wait(warm)                                         # GPU 3 (the vip pool) last used bench-a
+    blocker = submit(pools4, wf.sleep(1.0, 0), gpu=3)["prompt_id"]
+    pools4.wait_running(blocker)
+    auto = [submit(pools4, wf.standin(m, 0.01, i, load_seconds=0.0), pool="vip")["prompt_id"]
+            for i, m in enumerate(["bench-c", "bench-a", "bench-c", "bench-a"])]
+    pinned = [submit(pools4, wf.standin(m, 0.01, 10 + i, load_seconds=0.0), gpu=3)["prompt_id"]
+              for i, m in enumerate(["bench-c", "bench-b", "bench-a"])]
+    done = pools4.wait(auto + pinned + [blocker], timeout=60)
+    order = sorted(auto, key=lambda p: started_at(done[p]))
+    assert order == [auto[1], auto[3], auto[0], auto[2]]     # bench-a ones first: no model load
+    assert sorted(pinned, key=lambda p: started_at(done[p])) == pinned   # stock order, whatever the models

@@ -57,6 +57,13 @@ def txt2img(seed: int, prefix: str = "t2i", steps: int = 4, size: int = 64, lora
     return wf
 
 
+def standin(model: str, seconds: float, value: int = 0, load_seconds: float = 0.5, slots: int = 2) -> dict:
+    """A "model" load (MGLoadStandIn, cheap if the worker holds it) then a timed job using it."""
+    return {"2": {"class_type": "MGLoadStandIn", "inputs": {"model_name": model, "load_seconds": load_seconds,
+                                                            "slots": slots}},
+            "1": {"class_type": "MGUseStandIn", "inputs": {"seconds": seconds, "value": value, "model": ["2", 0]}}}
+
+
 def hold_model(seconds: float) -> dict:
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
             "2": {"class_type": "MGHoldModel", "inputs": {"model": ["1", 0], "seconds": seconds}}}

@@ -49,7 +49,8 @@ class AlwaysRun(TestNode):
 
 
 class MGSleep(AlwaysRun):
-    """Sleeps `seconds` in 10 ms slices with a progress bar, raising on interrupt; reports timestamps."""
+    """Sleeps `seconds` (to a deadline, in 10 ms slices) with a progress bar, raising on interrupt;
+    reports timestamps."""
     RETURN_TYPES = ("INT",)
 
     @classmethod
@@ -59,12 +60,22 @@ class MGSleep(AlwaysRun):
 
     def run(self, seconds, value):
         t0 = time.time()
+        deadline = t0 + seconds        # to a deadline, so that slice overhead does not lengthen it
         steps = max(1, int(seconds / 0.01))
         bar = comfy.utils.ProgressBar(steps)
-        for _ in range(steps):
+        done = 0
+        while True:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            time.sleep(seconds / steps)
-            bar.update(1)
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            time.sleep(min(0.01, left))
+            reached = min(steps, int((time.time() - t0) / seconds * steps))
+            if reached > done:
+                bar.update_absolute(reached)
+                done = reached
+        if done < steps:
+            bar.update_absolute(steps)
         facts = _device_facts()
         return {"ui": {"t0": [t0], "t1": [time.time()], "gpu": [facts["gpu"]], "value": [value]},
                 "result": (value,)}
@@ -214,7 +225,48 @@ class MGSaveNumbered(AlwaysRun):
         return {"ui": {"images": images}}
 
 
+class MGLoadStandIn(AlwaysRun):
+    """A model loader stand-in for placement benchmarks: each worker thread holds `slots` models
+    (least recently used evicted); a model it does not hold costs `load_seconds` of sleep to "load".
+    Reports whether it loaded. `model_name` is a loader input name, so placement sees the model."""
+    RETURN_TYPES = ("MG_STANDIN",)
+    held: dict = {}            # worker thread name -> model names, least recently used first
+    held_lock = threading.Lock()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model_name": ("STRING", {"default": "model-a"}),
+                             "load_seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 60.0, "step": 0.01}),
+                             "slots": ("INT", {"default": 2, "min": 1, "max": 64})}}
+
+    def run(self, model_name, load_seconds, slots):
+        owner = threading.current_thread().name
+        with self.held_lock:
+            held = self.held.setdefault(owner, [])
+            loaded = model_name not in held
+            if not loaded:
+                held.remove(model_name)
+            held.append(model_name)
+            del held[:-slots]
+        if loaded:
+            time.sleep(load_seconds)
+        return {"ui": {"loaded": [loaded], "gpu": [_worker_id()]}, "result": (model_name,)}
+
+
+class MGUseStandIn(MGSleep):
+    """MGSleep that needs a model from MGLoadStandIn (so the loader runs first in the same prompt)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = super().INPUT_TYPES()
+        types["required"]["model"] = ("MG_STANDIN",)
+        return types
+
+    def run(self, seconds, value, model):
+        return super().run(seconds, value)
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
                        (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel,
-                        MGSaveNumbered)}
+                        MGSaveNumbered, MGLoadStandIn, MGUseStandIn)}
 NODE_DISPLAY_NAME_MAPPINGS = {}
