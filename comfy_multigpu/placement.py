@@ -118,6 +118,7 @@ class Waiting:
     models: frozenset = frozenset()
     eligible: Optional[frozenset] = None   # GPUs of its pool (None: any)
     overtaken: int = 0                     # later prompts started before it to spare a model load
+    pinned: bool = False                   # X-TARGET-GPU: only its owner may run it
 
 
 def choose_next(gpu_id: int, recent: Sequence[str], waiting: Sequence[Waiting],
@@ -133,7 +134,7 @@ def choose_next(gpu_id: int, recent: Sequence[str], waiting: Sequence[Waiting],
         return None
     band = min(priority_rank(w.number) for w in allowed)
     allowed = [w for w in allowed if priority_rank(w.number) == band]
-    overdue = [w for w in allowed if w.overtaken >= max_overtakes]
+    overdue = [w for w in allowed if w.pinned or w.overtaken >= max_overtakes]
     if overdue:
         return min(overdue, key=lambda w: (w.number, w.prompt_id))
     age = recency(recent)

@@ -125,7 +125,7 @@ class WorkerPool:
         if first_pinned is not None:
             item, facts = first_pinned
             waiting.append(placement.Waiting(item[1], item[0], worker.gpu_id, facts.models, None,
-                                             self.overtaken.get(item[1], 0)))
+                                             self.overtaken.get(item[1], 0), pinned=True))
         return waiting
 
     def take_next(self, worker: GpuWorker) -> Optional[tuple[tuple, int]]:

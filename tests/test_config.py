@@ -92,3 +92,15 @@ def test_pools_and_weights(env, pools, weights):
 def test_bad_pools_and_weights_are_errors_that_say_what_to_fix(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
         resolve_settings({"COMFY_NUM_GPUS": "4", **env}, 0, False)
+
+
+def test_every_setting_is_documented_for_users():
+    """Each environment variable config.py reads is in docs/configuration.md and the README's table."""
+    from pathlib import Path
+    from comfy_multigpu import config
+    repo = Path(__file__).resolve().parents[1]
+    names = [value for key, value in vars(config).items() if key.startswith("ENV_")]
+    assert len(names) >= 6
+    for doc in ("docs/configuration.md", "README.md"):
+        text = (repo / doc).read_text()
+        assert [n for n in names if f"`{n}" not in text] == [], doc

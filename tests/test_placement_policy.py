@@ -128,3 +128,11 @@ def test_within_a_band_earlier_prompts_go_first():
     assert queue_number(10**6, "high") < queue_number(0, "normal") < queue_number(10**6, "normal") \
         < queue_number(0, "low")
     assert PRIORITY_SPAN > 10**6
+
+
+def test_a_pinned_prompt_is_never_overtaken_for_affinity():
+    """Only its GPU can run it, while the auto prompt can run anywhere."""
+    waiting = [Waiting("pinned-c", 3, 5, frozenset({"ckpt_name:c"}), pinned=True),
+               Waiting("auto-a", 1, 5, frozenset({"ckpt_name:a"})), Waiting("auto-c", 2, 0, frozenset({"ckpt_name:c"}))]
+    assert choose_next(5, ("ckpt_name:a",), waiting, max_overtakes=8).prompt_id == "pinned-c"
+    assert choose_next(5, ("ckpt_name:a",), waiting, max_overtakes=0).prompt_id == "auto-a"   # FIFO
