@@ -14,7 +14,10 @@ from typing import Mapping, Optional
 from aiohttp import web
 
 from . import http_api, patching
+from .admission import Limits
 from .config import ConfigError, Settings, resolve_settings
+from .journal import Journal
+from .lifecycle import Drain
 from .pool import WorkerPool
 
 logger = logging.getLogger("comfy_multigpu")
@@ -28,6 +31,7 @@ class Extension:
     pool: WorkerPool
     patches: patching.PatchSet
     host_version: str
+    drain: Optional[Drain] = None
 
     @property
     def queue(self):
@@ -102,11 +106,16 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     srv = server.PromptServer.instance
     queue = srv.prompt_queue
     pool.server = srv
+    pool.limits = Limits(settings.max_queue_per_gpu, settings.max_queue)
+    pool.watchdog_s = settings.watchdog
+    journal_text = _open_journal(settings, pool, queue)
     srv.app.middlewares.append(http_api.make_middleware(queue))
     http_api.add_routes(srv.routes, queue)
     ext = Extension(settings, pool, patchset, version)
     srv.app[EXTENSION_KEY] = ext
     pool.start_hooks.append(lambda _server: _verify_in_place(ext))
+    ext.drain = Drain(pool, srv.loop, settings.drain_timeout)
+    ext.drain.install()
 
     logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); DynamicVRAM off; %d patches applied: %s%s",
                 version, len(pool), ", ".join(settings.devices), settings.reason, len(applied),
@@ -114,7 +123,24 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     logger.info("comfy-multigpu: pools %s%s; weights %s; a prompt is overtaken at most %d times",
                 _pool_text(settings.pools), f" (default: {pool.default_pool})" if pool.default_pool else "",
                 ", ".join(f"{i}:{w:g}" for i, w in enumerate(settings.weights)), settings.max_overtakes)
+    logger.info("comfy-multigpu: %s; queue caps: %s per GPU, %s in all; SIGTERM drains for up to %.0f s; "
+                "watchdog %s", journal_text, settings.max_queue_per_gpu or "none", settings.max_queue or "none",
+                settings.drain_timeout, f"{settings.watchdog:g} s" if settings.watchdog else "off")
     return ext
+
+
+def _open_journal(settings: Settings, pool: WorkerPool, queue) -> str:
+    """Open the prompt journal and put what it holds back (history; unfinished prompts into the queues)."""
+    if settings.journal.lower() == "off":
+        return "journal OFF (accepted prompts are lost on a crash)"
+    import folder_paths
+    path = settings.journal or os.path.join(folder_paths.get_user_directory(), "comfy-multigpu", "journal.sqlite3")
+    pool.journal = Journal(path)
+    history, requeued = queue.restore(pool.journal)
+    if requeued:
+        logger.warning("comfy-multigpu: journal: %d prompt(s) accepted before the last stop had not finished; "
+                       "queued again", requeued)
+    return f"journal {path} ({history} finished prompts in history, {requeued} queued again)"
 
 
 def _pool_text(pools) -> str:

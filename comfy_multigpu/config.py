@@ -16,6 +16,11 @@ Rules (docs/configuration.md repeats them for users):
 - COMFY_MULTIGPU_MAX_OVERTAKES=K: a free worker may start a later prompt whose models it has before
   an earlier one that would cost a model load, but a prompt is overtaken at most K times
   (0 = first come, first served; default OVERTAKES_PER_WORKER per worker).
+- Reliability: COMFY_MULTIGPU_MAX_QUEUE_PER_GPU / COMFY_MULTIGPU_MAX_QUEUE cap running + waiting
+  prompts (0 = no cap; past it POST /prompt answers 429); COMFY_MULTIGPU_DRAIN_TIMEOUT (seconds running
+  prompts get to finish after SIGTERM); COMFY_MULTIGPU_WATCHDOG (seconds after which a still-running
+  prompt marks its GPU unhealthy; 0 = off); COMFY_MULTIGPU_JOURNAL ("off", or a file path; default
+  the user directory's comfy-multigpu/journal.sqlite3).
 """
 from __future__ import annotations
 
@@ -30,6 +35,11 @@ ENV_DEVICES = "COMFY_MULTIGPU_DEVICES"
 ENV_POOLS = "COMFY_MULTIGPU_POOLS"
 ENV_WEIGHTS = "COMFY_MULTIGPU_GPU_WEIGHTS"
 ENV_OVERTAKES = "COMFY_MULTIGPU_MAX_OVERTAKES"
+ENV_QUEUE_PER_GPU = "COMFY_MULTIGPU_MAX_QUEUE_PER_GPU"
+ENV_QUEUE_TOTAL = "COMFY_MULTIGPU_MAX_QUEUE"
+ENV_DRAIN_TIMEOUT = "COMFY_MULTIGPU_DRAIN_TIMEOUT"
+ENV_WATCHDOG = "COMFY_MULTIGPU_WATCHDOG"
+ENV_JOURNAL = "COMFY_MULTIGPU_JOURNAL"
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
@@ -52,6 +62,11 @@ class Settings:
     pools: Mapping[str, tuple[int, ...]] = field(default_factory=dict)   # name -> GPU indices
     weights: tuple[float, ...] = ()                                       # one per device
     max_overtakes: int = 0
+    max_queue_per_gpu: int = 0
+    max_queue: int = 0
+    drain_timeout: float = 600.0
+    watchdog: float = 0.0
+    journal: str = ""                  # "" = default path, "off" = none
 
 
 def _parse_sched(env: Mapping[str, str]) -> str:
@@ -160,6 +175,28 @@ def parse_overtakes(raw: str, gpu_count: int) -> int:
     return int(raw)
 
 
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isascii() or not raw.isdigit():
+        raise ConfigError(f"{name}={raw!r} must be a whole number, 0 or more")
+    return int(raw)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value < 1e7):
+        raise ConfigError(f"{name}={raw!r} must be a number of seconds, 0 or more")
+    return value
+
+
 def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) -> Settings:
     """Turn the environment plus what the machine has into the worker devices; raises ConfigError."""
     sched = _parse_sched(env)
@@ -184,12 +221,15 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
     pools = parse_pools(env.get(ENV_POOLS, ""), len(devices))
     weights = parse_weights(env.get(ENV_WEIGHTS, ""), len(devices))
     overtakes = parse_overtakes(env.get(ENV_OVERTAKES, ""), len(devices))
-    placement = {"pools": pools, "weights": weights, "max_overtakes": overtakes}
+    options = {"pools": pools, "weights": weights, "max_overtakes": overtakes,
+                 "max_queue_per_gpu": _whole(env, ENV_QUEUE_PER_GPU, 0), "max_queue": _whole(env, ENV_QUEUE_TOTAL, 0),
+                 "drain_timeout": _seconds(env, ENV_DRAIN_TIMEOUT, 600.0),
+                 "watchdog": _seconds(env, ENV_WATCHDOG, 0.0), "journal": env.get(ENV_JOURNAL, "").strip()}
     if sched == "on":
-        return Settings(True, devices, f"{ENV_SCHED}=1", **placement)
+        return Settings(True, devices, f"{ENV_SCHED}=1", **options)
     if len(devices) > 1:
-        return Settings(True, devices, f"{len(devices)} devices", **placement)
-    return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset", **placement)
+        return Settings(True, devices, f"{len(devices)} devices", **options)
+    return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset", **options)
 
 
 def cuda_count_without_torch(env: Mapping[str, str] = os.environ, proc_root: str = "/proc") -> int:

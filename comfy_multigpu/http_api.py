@@ -13,9 +13,10 @@ import logging
 
 from aiohttp import web
 
-from . import routing
+from . import admission, errors, routing
 from .context import RequestScope, current_request
-from .multiqueue import MultiQueue
+from .errors import ApiError
+from .multiqueue import DuplicatePrompt, MultiQueue
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -25,27 +26,14 @@ def _route_path(request: web.Request) -> str:
     return path[4:] if path.startswith("/api/") else path
 
 
-def error_json(kind: str, message: str, details: str, status: int = 400) -> web.Response:
-    return web.json_response({"error": {"type": kind, "message": message, "details": details,
-                                        "extra_info": {}}}, status=status)
+def error_response(err: ApiError, route: str = "") -> web.Response:
+    return web.json_response(err.body(route), status=err.status, headers=err.headers)
 
 
-async def post_interrupt(request: web.Request, queue: MultiQueue) -> web.Response:
+async def post_interrupt(request: web.Request, queue: MultiQueue, data: dict) -> web.Response:
     """prompt_id: only that prompt, wherever it runs; else the header's GPU; else every GPU."""
-    body = await request.read()
-    data = {}
-    if body.strip():
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            data = {}    # stock treats an unreadable body as "no prompt_id"
-    if not isinstance(data, dict):
-        return error_json("invalid_body", "the /interrupt body must be a JSON object",
-                          'send {} or {"prompt_id": "<id>"}')
     prompt_id = data.get("prompt_id")
     if prompt_id:
-        if not isinstance(prompt_id, str):
-            return error_json("invalid_prompt_id", "prompt_id must be a string", f"got {prompt_id!r}")
         hit = queue.interrupt_if_running(prompt_id)
         logger.info("Interrupt %s: %s", prompt_id, "sent" if hit else "not running, skipped")
     else:
@@ -77,6 +65,11 @@ def _prompt_headers(request: web.Request, pools) -> dict:
     return headers
 
 
+# Malformed input the stock handlers would answer with 500 (a TypeError deep in a handler); on the
+# routes whose bodies we check, what still slips through is the client's mistake, answered 400.
+CLIENT_FAULTS = (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError)
+
+
 def make_middleware(queue: MultiQueue):
     pool = queue.pool
     own_handlers = {("POST", "/interrupt"): post_interrupt}
@@ -85,22 +78,48 @@ def make_middleware(queue: MultiQueue):
     async def multigpu_middleware(request: web.Request, handler):
         method, path = request.method, _route_path(request)
         placing = (method, path) == ("POST", "/prompt")
-        down = frozenset(w.gpu_id for w in pool.workers if w.down) if placing else frozenset()
+        check = errors.BODY_CHECKS.get(path) if method == "POST" else None
+        data: dict = {}
         try:
+            down = frozenset(w.gpu_id for w in pool.workers if w.down) if placing else frozenset()
             target = routing.parse_target(request.headers.get(routing.HEADER), len(pool), down)
             headers = _prompt_headers(request, pool.pools) if placing else {}
+            if placing and pool.draining:
+                raise admission.admit(pool.limits, [], None, None, True, pool.mean_run_s)
+            if check is not None:
+                checker, empty_ok = check
+                data = errors.parse_json_object(await request.read(), path, empty_ok)
+                checker(data)
+                if placing and isinstance(data.get("prompt_id"), str):
+                    known = pool.locate(data["prompt_id"])
+                    if known is not None:
+                        return web.json_response(DuplicatePrompt(data["prompt_id"], *known).answer())
         except routing.RequestError as ex:
             return web.json_response(ex.as_json(), status=400)
+        except ApiError as ex:
+            return error_response(ex, path)
         scope = RequestScope(target=target, headers=headers)
         token = current_request.set(scope)
         try:
             own = own_handlers.get((method, path))
             if own is not None:
-                return await own(request, queue)
+                return await own(request, queue, data)
             try:
                 response = await handler(request)
             except routing.RequestError as ex:      # from MultiQueue.put: extra_data or a conflict
                 return web.json_response(ex.as_json(), status=400)
+            except ApiError as ex:                  # from MultiQueue.put: over a cap, draining, journal
+                return error_response(ex, path)
+            except DuplicatePrompt as ex:           # the same prompt_id sent twice at once
+                return web.json_response(ex.answer())
+            except CLIENT_FAULTS as ex:
+                if check is None:
+                    raise
+                logger.warning("%s %s: malformed input made the handler fail (%s: %s)", method, path,
+                               type(ex).__name__, ex, exc_info=True)
+                return error_response(errors.bad_request(
+                    "invalid_request", f"{path}: the request could not be processed: {type(ex).__name__}",
+                    "check the body against the API documentation (docs/api.md)"), path)
             if placing and scope.placed_gpu is not None:
                 return _amended(response, gpu_id=scope.placed_gpu, number=scope.placed_number,
                                 gpu_pool=scope.placed_pool)
@@ -114,7 +133,31 @@ def make_middleware(queue: MultiQueue):
 
 
 def add_routes(routes: web.RouteTableDef, queue: MultiQueue) -> None:
+    pool = queue.pool
+
     @routes.get("/queue/all")
     async def get_queue_all(request: web.Request) -> web.Response:
-        counts = request.rel_url.query.get("counts", "0").lower() in ("1", "true", "yes")
-        return web.json_response(queue.all_queues(counts_only=counts))
+        raw = request.rel_url.query.get("counts", "0").lower()
+        if raw not in ("0", "1", "true", "false", "yes", "no", ""):
+            return error_response(errors.bad_request("invalid_query", f"counts={raw!r} is not a boolean",
+                                                     "counts=1 (counts only) or counts=0"))
+        return web.json_response(queue.all_queues(counts_only=raw in ("1", "true", "yes")))
+
+    @routes.get("/multigpu/health")
+    async def get_health(request: web.Request) -> web.Response:
+        """Liveness: the process and its event loop answer."""
+        return web.json_response({"status": "draining" if pool.draining else "ok",
+                                  "workers": len(pool), "workers_up": sum(1 for w in pool.workers if not w.down)})
+
+    @routes.get("/multigpu/ready")
+    async def get_ready(request: web.Request) -> web.Response:
+        """Readiness: 200 if some GPU can take work, else 503 (also while draining); per-GPU detail."""
+        with pool.mutex:
+            gpus = [{"gpu_id": w.gpu_id, "up": not w.down, "healthy": not w.unhealthy,
+                     "ready": (not w.down and not w.unhealthy and not pool.draining),
+                     "reason": ("draining" if pool.draining else "down" if w.down else w.unhealthy or ""),
+                     "running": len(w.running), "pending": len(w.pending), "restarts": w.restarts}
+                    for w in pool.workers]
+        ready = any(g["ready"] for g in gpus)
+        return web.json_response({"ready": ready, "draining": pool.draining, "gpus": gpus},
+                                 status=200 if ready else 503)

@@ -9,9 +9,22 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-from . import placement, routing
+from . import admission, placement, routing
 from .context import current_request, request_target
+from .errors import ApiError
 from .pool import PendingPrompt, WorkerPool
+
+
+class DuplicatePrompt(Exception):
+    """The prompt id is already queued, running or done: an idempotent retry, answered with where it is."""
+
+    def __init__(self, prompt_id: str, state: str, gpu_id: int, number: float):
+        super().__init__(prompt_id)
+        self.prompt_id, self.state, self.gpu_id, self.number = prompt_id, state, gpu_id, number
+
+    def answer(self) -> dict:
+        return {"prompt_id": self.prompt_id, "number": self.number, "node_errors": {}, "gpu_id": self.gpu_id,
+                "duplicate": True, "state": self.state}
 
 
 class MultiQueue:
@@ -29,7 +42,7 @@ class MultiQueue:
     # ---- placement -------------------------------------------------------------------------
     def loads(self) -> list[placement.WorkerLoad]:
         with self.mutex:
-            return [placement.WorkerLoad(w.gpu_id, not w.down, len(w.running), len(w.pending),
+            return [placement.WorkerLoad(w.gpu_id, not w.down and not w.unhealthy, len(w.running), len(w.pending),
                                          w.recent_models(), w.weight, w.free_memory)
                     for w in self.pool.workers]
 
@@ -37,29 +50,72 @@ class MultiQueue:
         """Queue a stock 6-tuple on the request's target GPU (pinned: never moves), or place it in its
         pool with placement.choose_least_loaded (auto: an idle worker of the pool may take it over
         later), in the priority band X-PRIORITY / extra_data.priority asks for; returns the GPU.
-        Raises routing.RequestError (answered 400 by the middleware) before anything is queued."""
+        Raises routing.RequestError (400), ApiError (429 over a cap, 503 while draining) or
+        DuplicatePrompt before anything is queued; the journal has it before this returns."""
         scope = current_request.get()
-        pool = self.pool
         where = routing.resolve(scope.target if scope is not None else None,
                                 scope.headers if scope is not None else {}, item[3],
-                                pool.pools, pool.default_pool)
+                                self.pool.pools, self.pool.default_pool)
         number = placement.queue_number(item[0], where.priority)
         if number != item[0]:
             item = (number,) + tuple(item[1:])
+        gpu = self.enqueue(item, where.target, where.pool, where.eligible)
+        if scope is not None:
+            scope.placed_gpu, scope.placed_pool, scope.placed_number = gpu, where.pool, number
+        return gpu
+
+    def enqueue(self, item: tuple, target, pool_name, eligible, restoring: bool = False) -> int:
+        pool = self.pool
         models = placement.prompt_models(item[2])
         with self.mutex:
-            gpu = where.target
+            if not restoring:
+                known = pool.locate(item[1])
+                if known is not None:
+                    raise DuplicatePrompt(item[1], *known)
+                refusal = admission.admit(pool.limits, [len(w.running) + len(w.pending) for w in pool.workers],
+                                          target, eligible, pool.draining, pool.mean_run_s)
+                if refusal is not None:
+                    raise refusal
+            gpu = target
             if gpu is None:
-                gpu = placement.choose_least_loaded(self.loads(), models, where.eligible)
+                gpu = placement.choose_least_loaded(self.loads(), models, eligible)
                 if gpu is None:   # no worker of the pool is up: it waits for the first one that comes up
-                    gpu = min(where.eligible) if where.eligible else 0
-            pool.pending[item[1]] = PendingPrompt(models, where.target is None, where.eligible)
+                    gpu = min(eligible) if eligible else 0
+            if pool.journal is not None and not restoring:
+                try:
+                    pool.journal.accepted(item, target, pool_name)
+                except Exception as ex:
+                    raise ApiError(503, "journal_unavailable", f"the prompt journal could not record it: {ex}",
+                                   "nothing was queued; retry, and check the disk under ComfyUI's user directory",
+                                   headers={"Retry-After": "5"}) from None
+            pool.pending[item[1]] = PendingPrompt(models, target is None, eligible)
             pool.workers[gpu].push(item)
             pool.wake_idle()
-            if scope is not None:
-                scope.placed_gpu, scope.placed_pool, scope.placed_number = gpu, where.pool, number
         self.server.queue_updated()
         return gpu
+
+    def restore(self, journal) -> tuple[int, int]:
+        """Start-up: finished prompts back into history, unfinished ones back into the queues (pinned
+        ones to their GPU if it still exists, the rest placed anew); returns (history, requeued)."""
+        pool = self.pool
+        with self.mutex:
+            for prompt_id, entry in journal.history():
+                pool.history[prompt_id] = entry
+        requeued = 0
+        highest = -1.0
+        for u in journal.unfinished():
+            target = u.target if u.target is not None and u.target < len(pool.workers) else None
+            name = u.pool if u.pool in pool.pools else None
+            eligible = frozenset(pool.pools[name]) if name is not None else None
+            if target is not None and eligible is not None and target not in eligible:
+                target = None
+            item = (u.number, u.prompt_id, u.prompt, u.extra_data, u.outputs, {})
+            self.enqueue(item, target, name, eligible, restoring=True)
+            requeued += 1
+            highest = max(highest, abs(u.number) % placement.PRIORITY_SPAN)
+        if requeued and self.server is not None:      # new prompts queue after the restored ones
+            self.server.number = max(getattr(self.server, "number", 0), int(highest) + 1)
+        return len(pool.history), requeued
 
     # ---- views -----------------------------------------------------------------------------
     def get_current_queue(self):
@@ -88,10 +144,14 @@ class MultiQueue:
     # ---- changes ---------------------------------------------------------------------------
     def wipe_queue(self) -> None:
         with self.mutex:
+            removed = []
             for w in self._scope_workers():
                 for item in w.pending:
                     self.pool.forget_pending(item[1])
+                    removed.append(item[1])
                 w.pending.clear()
+            if self.pool.journal is not None:
+                self.pool.journal.forget(removed)
         self.server.queue_updated()
 
     def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
@@ -103,8 +163,11 @@ class MultiQueue:
             if hit is None:
                 return False
             worker, index = hit
-            self.pool.forget_pending(worker.pending.pop(index)[1])
+            prompt_id = worker.pending.pop(index)[1]
+            self.pool.forget_pending(prompt_id)
             heapq.heapify(worker.pending)
+            if self.pool.journal is not None:
+                self.pool.journal.forget([prompt_id])
         self.server.queue_updated()
         return True
 
@@ -155,10 +218,13 @@ class MultiQueue:
     def wipe_history(self) -> None:
         with self.mutex:
             self.pool.history.clear()
+            if self.pool.journal is not None:
+                self.pool.journal.forget_history()
 
     def delete_history_item(self, id_to_delete) -> None:
         with self.mutex:
-            self.pool.history.pop(id_to_delete, None)
+            if self.pool.history.pop(id_to_delete, None) is not None and self.pool.journal is not None:
+                self.pool.journal.forget([id_to_delete])
 
     # ---- /queue/all ------------------------------------------------------------------------
     def all_queues(self, counts_only: bool) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from . import placement
+from .admission import Limits
 from .worker import GpuWorker
 
 logger = logging.getLogger("comfy_multigpu")
@@ -78,6 +79,12 @@ class WorkerPool:
         self.model_lock = threading.RLock()        # guards comfy.model_management.current_loaded_models
         self.start_hooks: list = []                # run once, in launch(), before workers start
         self.gc_runs = 0                           # housekeeping passes (GC + cache emptying) so far
+        # reliability (set by activation from the settings)
+        self.journal = None                        # journal.Journal, or None when switched off
+        self.limits = Limits()
+        self.draining = False                      # SIGTERM seen: start nothing new
+        self.watchdog_s = 0.0
+        self.mean_run_s = 0.0                      # moving average of prompt run time (Retry-After)
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -100,6 +107,8 @@ class WorkerPool:
         self.server = server
         for w in self.workers:
             w.start(server)
+        if self.watchdog_s > 0:
+            threading.Thread(target=self.run_watchdog, daemon=True, name="comfy-multigpu-watchdog").start()
         for w in self.workers:
             if not w.started.wait(timeout):
                 logger.error("[GPU %s] Worker did not start within %.0f s", w.gpu_id, timeout)
@@ -112,7 +121,7 @@ class WorkerPool:
         waiting = []
         first_pinned = None
         for owner in self.workers:
-            if owner is not worker and not owner.busy:
+            if owner is not worker and not owner.busy and not owner.down:
                 continue
             for item in owner.pending:
                 facts = self.pending.get(item[1]) or PendingPrompt(frozenset(), False)
@@ -132,6 +141,8 @@ class WorkerPool:
         """The prompt `worker` starts now (placement.choose_next over pool.startable), or None."""
         import heapq
         with self.mutex:
+            if self.draining:
+                return None
             waiting = self.startable(worker)
             chosen = placement.choose_next(worker.gpu_id, worker.recent_models(), waiting, self.max_overtakes)
             if chosen is None:
@@ -148,6 +159,7 @@ class WorkerPool:
             item_id = self.task_counter
             self.task_counter += 1
             worker.running[item_id] = copy.deepcopy(item)
+            worker.running_since = time.monotonic()
             self.wake_idle()          # this worker is busy now: its waiting auto prompts may move
         self._queue_updated()
         return item, item_id
@@ -157,7 +169,8 @@ class WorkerPool:
         self.pending.pop(prompt_id, None)
         self.overtaken.pop(prompt_id, None)
 
-    def task_done(self, worker: GpuWorker, item_id: int, history_result: dict, status) -> None:
+    def task_done(self, worker: GpuWorker, item_id: int, history_result: dict, status,
+                  run_s: float = 0.0) -> None:
         with self.mutex:
             prompt = worker.running.pop(item_id)
             prompt = prompt[:5] + prompt[6:]          # drop sensitive extra data, as main.py does
@@ -167,7 +180,51 @@ class WorkerPool:
             entry.update(history_result)
             entry["gpu_id"] = worker.gpu_id
             self.history[prompt[1]] = entry
+            self.mean_run_s = run_s if not self.mean_run_s else 0.9 * self.mean_run_s + 0.1 * run_s
+            if self.journal is not None:
+                try:
+                    self.journal.finished(prompt[1], worker.gpu_id, entry)
+                except Exception:
+                    worker.log.exception("Journal: could not record that %s finished", prompt[1])
         self._queue_updated()
+
+    def check_watchdog(self, now: float) -> None:
+        """A prompt running longer than watchdog_s takes its GPU out of placement until it ends."""
+        with self.mutex:
+            for w in self.workers:
+                late = w.busy and now - w.running_since > self.watchdog_s
+                if late and not w.unhealthy:
+                    w.unhealthy = f"a prompt has run for more than {self.watchdog_s:g} s"
+                    w.log.error("Watchdog: %s; no new auto prompts go to this GPU until it ends", w.unhealthy)
+                elif not late and w.unhealthy:
+                    w.log.info("Watchdog: healthy again")
+                    w.unhealthy = ""
+                    self.wake_idle()
+
+    def run_watchdog(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.watchdog_s / 4))
+            self.check_watchdog(time.monotonic())
+
+    def busy_count(self) -> int:
+        with self.mutex:
+            return sum(1 for w in self.workers if w.busy)
+
+    def locate(self, prompt_id: str) -> Optional[tuple[str, int, float]]:
+        """(state "queued" | "running" | "done", GPU, queue number) of a prompt id the server knows."""
+        with self.mutex:
+            for w in self.workers:
+                for item in w.running.values():
+                    if item[1] == prompt_id:
+                        return "running", w.gpu_id, item[0]
+                if prompt_id in self.pending:
+                    for item in w.pending:
+                        if item[1] == prompt_id:
+                            return "queued", w.gpu_id, item[0]
+            entry = self.history.get(prompt_id)
+            if entry is not None:
+                return "done", entry.get("gpu_id", 0), entry["prompt"][0] if entry.get("prompt") else 0
+        return None
 
     def _queue_updated(self) -> None:
         if self.server is not None:

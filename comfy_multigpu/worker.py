@@ -53,6 +53,9 @@ class GpuWorker:
         self.ram_headroom = 0
         self._loaded: dict[int, weakref.ref] = {}   # LoadedModel has __eq__ but no __hash__
         self.save_keys: set = set()
+        self.restarts = 0                       # times its loop died and was started again
+        self.running_since = 0.0                # time.monotonic() when its running prompt started
+        self.unhealthy = ""                     # why the watchdog took it out of placement ("" = fine)
         self._models: dict[str, None] = {}     # model keys of recent successful prompts, oldest first
         self.weight = 1.0                       # relative speed for placement (COMFY_MULTIGPU_GPU_WEIGHTS)
         self.free_memory: Optional[int] = None  # device bytes free after the last prompt (CUDA only)
@@ -129,19 +132,37 @@ class GpuWorker:
                                        name=f"comfy-multigpu-gpu{self.gpu_id}")
         self.thread.start()
 
+    RESTART_DELAY_S = 1.0
+
     def _run(self, server) -> None:
+        """The thread: runs the loop, and if the loop itself dies (a fault outside any prompt's
+        handling), fails its prompt cleanly, reports the worker down and starts the loop again."""
         current_worker.set(self)
         if getattr(self.device, "type", "cpu") == "cuda":
             import torch
             torch.cuda.set_device(self.device)
+        while True:      # daemon thread: lives as long as the process
+            try:
+                self._loop(server)
+            except BaseException as ex:       # noqa: B036 - nothing may end this thread
+                self.up = False
+                self.restarts += 1
+                self.log.error("Worker died (%s: %s); its prompt ends as an error, restarting in %.0f s",
+                               type(ex).__name__, ex, self.RESTART_DELAY_S, exc_info=True)
+                self._fail_running(server, ex)
+                with self.cond:
+                    self.pool.wake_idle()     # its waiting auto prompts may move to healthy workers now
+                time.sleep(self.RESTART_DELAY_S)
+
+    def _loop(self, server) -> None:
         executor = self.pool.new_executor(server)
         self.measure_free_memory()
         self.up = True
         self.log.info("Worker started on %s", self.label)
         self.started.set()
-        while True:      # daemon thread: lives as long as the process
+        while True:
             with self.cond:
-                while True:      # own prompt, else one to take over, else wait (or handle /free)
+                while True:      # next prompt, else wait (or handle /free)
                     job = self.pool.take_next(self)
                     if job is not None or self.flags:
                         break
@@ -152,6 +173,22 @@ class GpuWorker:
                 flags, self.flags = self.flags, {}
             if flags:
                 self._apply_flags(executor, flags)
+
+    def _fail_running(self, server, ex: BaseException) -> None:
+        """The loop died while running a prompt: record it as an error (history, journal, clients)."""
+        import execution
+        with self.pool.mutex:
+            jobs = list(self.running.items())
+        for item_id, item in jobs:
+            message = {"prompt_id": item[1], "exception_message": f"worker died: {type(ex).__name__}: {ex}",
+                       "exception_type": type(ex).__name__, "timestamp": int(time.time() * 1000)}
+            status = execution.PromptQueue.ExecutionStatus(status_str="error", completed=False,
+                                                          messages=[("execution_error", message)])
+            self.pool.release_save_keys(self)
+            self.pool.task_done(self, item_id, {"outputs": {}, "meta": {}}, status)
+            client = item[3].get("client_id") if isinstance(item[3], dict) else None
+            if client is not None:
+                server.send_sync("execution_error", message, client)
 
     def _execute(self, executor, server, item: tuple, item_id: int) -> None:
         import execution
@@ -165,7 +202,7 @@ class GpuWorker:
         try:
             executor.execute(item[2], prompt_id, extra_data, item[4])
             success, messages = executor.success, executor.status_messages
-        except Exception as ex:  # raised outside ComfyUI's per-node handling
+        except (Exception, SystemExit) as ex:  # raised outside ComfyUI's per-node handling
             self.log.exception("Prompt %s failed outside node execution", prompt_id)
             success = False
             messages = executor.status_messages + [("execution_error", {
@@ -179,10 +216,10 @@ class GpuWorker:
         self.measure_free_memory()
         status = execution.PromptQueue.ExecutionStatus(
             status_str="success" if success else "error", completed=success, messages=messages)
-        self.pool.task_done(self, item_id, executor.history_result, status)
+        elapsed = time.perf_counter() - started
+        self.pool.task_done(self, item_id, executor.history_result, status, elapsed)
         if server.client_id is not None:
             server.send_sync("executing", {"node": None, "prompt_id": prompt_id}, server.client_id)
-        elapsed = time.perf_counter() - started
         self.log.info("Prompt %s executed in %.2f seconds (%s)", prompt_id, elapsed,
                       "success" if success else "error")
         self.pool.prompt_finished(self, executor.history_result, prompt_id)
@@ -203,5 +240,6 @@ class GpuWorker:
     def snapshot(self) -> dict:
         """Counts for /queue/all and placement (pool.mutex held by the caller)."""
         return {"gpu_id": self.gpu_id, "device": self.label, "up": not self.down,
+                "healthy": not self.unhealthy, "restarts": self.restarts,
                 "weight": self.weight, "free_memory": self.free_memory, "models": list(self._models),
                 "running_count": len(self.running), "pending_count": len(self.pending)}

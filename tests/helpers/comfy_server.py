@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,8 @@ class ComfyServer:
     # ---- life cycle ------------------------------------------------------------------------
     def _prepare_base(self) -> None:
         custom = self.base / "custom_nodes"
+        if custom.exists():
+            return              # a restart on the same base directory
         custom.mkdir(parents=True, exist_ok=True)
         for d in ("input", "output", "user", "models/checkpoints", "models/loras"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,8 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--base-directory", str(self.base),
                "--listen", "127.0.0.1", "--port", str(self.port),
                "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"] + self.args
-        self.log_file = open(self.log_path, "w")
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.log_file = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui_dir, env=env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
@@ -106,7 +110,8 @@ class ComfyServer:
             state = self.get("/queue/all", counts=1)
         except HttpError:
             return True         # extension refused: the server runs stock
-        return all(q["up"] for q in state["queues"]) and "Worker started" in self.log()
+        return all(q["up"] for q in state["queues"]) and \
+            self.log()[self.log_offset:].count("Worker started") >= len(state["queues"])
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -116,6 +121,14 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(15)
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing of ComfyUI's or the extension's shutdown runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(15)
         if getattr(self, "log_file", None):
             self.log_file.close()
 

@@ -64,6 +64,14 @@ def standin(model: str, seconds: float, value: int = 0, load_seconds: float = 0.
             "1": {"class_type": "MGUseStandIn", "inputs": {"seconds": seconds, "value": value, "model": ["2", 0]}}}
 
 
+def fault(mode: str) -> dict:
+    return {"1": {"class_type": "MGFault", "inputs": {"mode": mode}}}
+
+
+def record(tag: str, seconds: float = 0.2) -> dict:
+    return {"1": {"class_type": "MGRecord", "inputs": {"tag": tag, "seconds": seconds}}}
+
+
 def hold_model(seconds: float) -> dict:
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
             "2": {"class_type": "MGHoldModel", "inputs": {"model": ["1", 0], "seconds": seconds}}}

@@ -266,7 +266,46 @@ class MGUseStandIn(MGSleep):
         return super().run(seconds, value)
 
 
+class WorkerKiller(BaseException):
+    """Not an Exception: nothing in ComfyUI's node handling catches it, so it ends the worker's loop."""
+
+
+class MGFault(AlwaysRun):
+    """Fault injection: `kill` ends the worker thread's loop (a BaseException no handler catches);
+    `exit` raises SystemExit (outside ComfyUI's per-node handling, which only catches Exception);
+    `oom` raises the out-of-memory error ComfyUI answers by unloading models."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mode": (["kill", "exit", "oom"],)}}
+
+    def run(self, mode):
+        if mode == "kill":
+            raise WorkerKiller("injected worker death")
+        if mode == "oom":
+            import torch
+            raise torch.cuda.OutOfMemoryError("injected out of memory")
+        raise SystemExit("injected SystemExit")
+
+
+class MGRecord(AlwaysRun):
+    """Sleeps `seconds`, then appends `tag` to output/records.txt (counts how often a prompt ran)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {"default": ""}),
+                             "seconds": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 60.0, "step": 0.01})}}
+
+    def run(self, tag, seconds):
+        import os
+        import folder_paths
+        time.sleep(seconds)
+        with open(os.path.join(folder_paths.get_output_directory(), "records.txt"), "a") as f:
+            f.write(tag + "\n")
+        return {"ui": {"tag": [tag]}}
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
                        (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel,
-                        MGSaveNumbered, MGLoadStandIn, MGUseStandIn)}
+                        MGSaveNumbered, MGLoadStandIn, MGUseStandIn, MGFault, MGRecord)}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -1,0 +1,63 @@
+"""Graceful drain on SIGTERM: readiness turns 503 and new prompts get 503 at once, running prompts get
+up to the drain timeout to finish, waiting ones stay in the journal, then ComfyUI stops the way it does
+on Ctrl-C (its own clean-up runs) and the process exits 0. A second SIGTERM stops at once.
+
+Host objects touched: the process's SIGTERM handler (signal.signal, main thread, at activation;
+`uninstall` puts the previous one back) and PromptServer.instance.loop (to stop it).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+logger = logging.getLogger("comfy_multigpu")
+
+
+class Drain:
+    def __init__(self, pool, loop, timeout_s: float):
+        self.pool = pool
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.previous = None
+        self.done = threading.Event()
+
+    def install(self) -> None:
+        self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.pool.draining:
+            logger.warning("comfy-multigpu: second SIGTERM: stopping now")
+            self._stop_loop()
+            return
+        self.pool.draining = True
+        logger.warning("comfy-multigpu: SIGTERM: draining (no new prompts; running ones get up to %.0f s)",
+                       self.timeout_s)
+        threading.Thread(target=self._drain, daemon=True, name="comfy-multigpu-drain").start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while self.pool.busy_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running = self.pool.busy_count()
+        with self.pool.mutex:
+            waiting = sum(len(w.pending) for w in self.pool.workers)
+        journal = "kept in the journal" if self.pool.journal is not None else "LOST: the journal is off"
+        if running:
+            logger.warning("comfy-multigpu: drain timeout: %d prompt(s) still running will run again after a "
+                           "restart; %d waiting %s", running, waiting, journal)
+        else:
+            logger.info("comfy-multigpu: drained: nothing running; %d waiting prompt(s) %s", waiting, journal)
+        self.done.set()
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        def stop():
+            raise KeyboardInterrupt("comfy-multigpu drain finished")   # main.py's Ctrl-C path: clean exit
+        self.loop.call_soon_threadsafe(stop)
