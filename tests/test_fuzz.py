@@ -118,4 +118,6 @@ def test_stock_comfyui_answers_some_of_the_same_requests_with_500(stock):
         seen.append(_send(stock.port, request))
 
     send()
-    assert sum(1 for item in seen if item[4] >= 500) > 10
+    failures = sum(1 for item in seen if item[4] >= 500)
+    print(f"\nstock: {len(seen)} of the same kind of requests, {failures} answered with 5xx")
+    assert failures > 10

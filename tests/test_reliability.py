@@ -67,6 +67,7 @@ def test_a_burst_over_the_queue_cap_gets_429_and_loses_nothing_accepted(servers)
     assert len(accepted) >= 32                                      # 4 GPUs x 8 at least
     done = capped.wait(accepted, timeout=120)
     assert all(e["status"]["status_str"] == "success" for e in done.values())
+    print(f"\nbackpressure: 200 submits, {len(accepted)} accepted (all finished), {len(refused)} refused with 429")
 
 
 def test_retry_after_is_sent_with_429(servers):
@@ -154,7 +155,11 @@ def test_kill_9_at_random_points_loses_no_accepted_prompt(servers):
     runs = Counter((server.base / "output" / "records.txt").read_text().split())
     assert set(runs) == set(ids)
     assert sum(runs.values()) - len(ids) <= 5 * 2          # only prompts running at a kill may run twice
-    assert "queued again" in server.log()
+    requeued = [line.split("journal: ")[1].split(" prompt")[0] for line in server.log().splitlines()
+                if "had not finished; queued again" in line]
+    assert len(requeued) == 5
+    print(f"\nkill -9: 5 kills, unfinished prompts queued again at each restart: {requeued}; "
+          f"lost 0; ran twice: {sum(runs.values()) - len(ids)}")
 
 
 def test_sigterm_drains_running_prompts_keeps_waiting_ones_and_exits_0(servers):
