@@ -23,6 +23,12 @@ def retry_after(mean_run_s: float) -> int:
     return max(1, min(60, math.ceil(mean_run_s)))
 
 
+def draining_refusal(mean_run_s: float = 0.0) -> ApiError:
+    return ApiError(503, "draining", "the server is shutting down and takes no new prompts",
+                    "send it to another instance, or retry after the restart",
+                    headers={"Retry-After": str(retry_after(mean_run_s))})
+
+
 def admit(limits: Limits, counts: Sequence[int], target: Optional[int], eligible: Optional[frozenset],
           draining: bool, mean_run_s: float = 0.0) -> Optional[ApiError]:
     """None to accept; else the refusal. `counts` are running + waiting per GPU; a pinned prompt
@@ -30,9 +36,7 @@ def admit(limits: Limits, counts: Sequence[int], target: Optional[int], eligible
     total = sum(counts)
     wait = retry_after(mean_run_s)
     if draining:
-        return ApiError(503, "draining", "the server is shutting down and takes no new prompts",
-                        "send it to another instance, or retry after the restart",
-                        headers={"Retry-After": str(wait)})
+        return draining_refusal(mean_run_s)
     if limits.total and total >= limits.total:
         return ApiError(429, "queue_full", f"the queue is full: {total} prompts (cap {limits.total})",
                         f"retry after {wait} s", {"cap": limits.total, "queued": total},

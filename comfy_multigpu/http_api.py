@@ -85,7 +85,7 @@ def make_middleware(queue: MultiQueue):
             target = routing.parse_target(request.headers.get(routing.HEADER), len(pool), down)
             headers = _prompt_headers(request, pool.pools) if placing else {}
             if placing and pool.draining:
-                raise admission.admit(pool.limits, [], None, None, True, pool.mean_run_s)
+                raise admission.draining_refusal(pool.mean_run_s)
             if check is not None:
                 checker, empty_ok = check
                 data = errors.parse_json_object(await request.read(), path, empty_ok)
