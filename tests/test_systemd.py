@@ -30,10 +30,12 @@ def verify(dest: Path, name: str) -> subprocess.CompletedProcess:
 
 
 def test_the_units_we_ship():
-    assert [u.name for u in UNITS] == ["comfyui-gpu@.service", "comfyui-multi-gpu.service"]
+    assert [u.name for u in UNITS] == ["comfyui-gpu@.service", "comfyui-multi-gpu.service",
+                                       "comfyui-scheduler.service"]
 
 
-@pytest.mark.parametrize("name", ["comfyui-multi-gpu.service", "comfyui-gpu@0.service", "comfyui-gpu@3.service"])
+@pytest.mark.parametrize("name", ["comfyui-multi-gpu.service", "comfyui-gpu@0.service", "comfyui-gpu@3.service",
+                                  "comfyui-scheduler.service"])
 def test_systemd_analyze_verify_is_clean(tmp_path, name):
     for unit in UNITS:
         installed_copy(unit, tmp_path)
@@ -56,7 +58,8 @@ def test_units_restart_stop_gracefully_and_never_hide_the_gpus(unit):
         assert line in settings
     assert not [l for l in settings if l.startswith(("PrivateDevices=", "DevicePolicy=", "DeviceAllow="))]
     text = unit.read_text()
-    assert "/opt/comfy-multigpu/scripts/start_multi_gpu.sh" in text
+    script = "start_balancer.sh" if unit.name == "comfyui-scheduler.service" else "start_multi_gpu.sh"
+    assert f"/opt/comfy-multigpu/scripts/{script}" in text
 
 
 def test_the_per_gpu_template_isolates_each_instance():

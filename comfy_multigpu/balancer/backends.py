@@ -1,0 +1,111 @@
+"""Backends of the balancer: one object per ComfyUI instance with everything known about it (kind,
+health, its slots as of the last poll plus what was sent since), and the poller that refreshes them.
+
+A comfy-multigpu backend answers `/queue/all?counts=1` (one slot per GPU, with its recent models);
+a stock one answers 404 there and is read from `/queue` (one slot).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+import aiohttp
+
+from .policy import Slot
+from .settings import BackendSpec
+
+logger = logging.getLogger("comfy_multigpu.balancer")
+
+
+class Backend:
+    def __init__(self, spec: BackendSpec, down_after: int = 3):
+        self.spec = spec
+        self.name = spec.url
+        self.down_after = down_after
+        self.kind: Optional[str] = None          # "multigpu" | "stock", learnt on the first good poll
+        self.healthy = False
+        self.failures = 0
+        self.slots: list[Slot] = []
+        self.last_poll = 0.0
+        self.last_error = ""
+        self.submitted = 0
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.spec.token}"} if self.spec.token else {}
+
+    def url(self, path: str) -> str:
+        return self.spec.url + path
+
+    # ---- state ---------------------------------------------------------------------------
+    def mark_failed(self, why: str, now: bool = False) -> None:
+        """A failed poll (down after `down_after` in a row), or with `now` a submit that could not
+        connect (down at once: a prompt was about to be lost there)."""
+        self.failures += 1
+        self.last_error = why
+        if self.healthy and (now or self.failures >= self.down_after):
+            self.healthy = False
+            logger.warning("backend %s marked DOWN after %d failure(s): %s", self.name, self.failures, why)
+            self.slots = [Slot(s.backend, s.gpu, False, s.running, s.pending, s.weight, s.models) for s in self.slots]
+
+    def mark_ok(self) -> None:
+        if not self.healthy:
+            logger.info("backend %s is UP (%s)", self.name, self.kind)
+        self.healthy = True
+        self.failures = 0
+        self.last_error = ""
+
+    def note_submitted(self, gpu: Optional[int], count: int = 1) -> None:
+        """The view after one more prompt went here (count=-1: it did not after all), until the next
+        poll. Called when the slot is chosen, before the request, so concurrent submits see it."""
+        self.submitted += count
+        self.slots = [Slot(s.backend, s.gpu, s.healthy, s.running, max(0, s.pending + count), s.weight, s.models)
+                      if s.gpu == gpu else s for s in self.slots]
+
+    def describe(self) -> dict:
+        return {"url": self.name, "kind": self.kind, "healthy": self.healthy, "weight": self.spec.weight,
+                "failures": self.failures, "last_error": self.last_error, "submitted": self.submitted,
+                "last_poll_age_s": round(time.monotonic() - self.last_poll, 3) if self.last_poll else None,
+                "gpus": [{"gpu": s.gpu, "running": s.running, "pending": s.pending, "models": list(s.models)}
+                         for s in self.slots]}
+
+    # ---- polling -------------------------------------------------------------------------
+    async def poll(self, session: aiohttp.ClientSession, timeout: float) -> None:
+        try:
+            slots = await self._read_slots(session, timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as ex:
+            self.mark_failed(f"{type(ex).__name__}: {ex}")
+            return
+        self.slots = slots
+        self.last_poll = time.monotonic()
+        self.mark_ok()
+
+    async def _read_slots(self, session: aiohttp.ClientSession, timeout: float) -> list[Slot]:
+        t = aiohttp.ClientTimeout(total=timeout)
+        if self.kind in (None, "multigpu"):
+            async with session.get(self.url("/queue/all?counts=1"), headers=self.headers, timeout=t) as resp:
+                if resp.status == 200:
+                    data = await resp.json()
+                    self.kind = "multigpu"
+                    return [Slot(self.name, q["gpu_id"], bool(q.get("up", True)) and q.get("healthy", True),
+                                 q["running_count"], q["pending_count"],
+                                 self.spec.weight * float(q.get("weight", 1.0)), tuple(q.get("models", ())))
+                            for q in data["queues"]]
+                if resp.status != 404:
+                    raise ValueError(f"/queue/all answered {resp.status}")
+        async with session.get(self.url("/queue"), headers=self.headers, timeout=t) as resp:
+            if resp.status != 200:
+                raise ValueError(f"/queue answered {resp.status}")
+            data = await resp.json()
+        self.kind = "stock"
+        return [Slot(self.name, None, True, len(data["queue_running"]), len(data["queue_pending"]),
+                     self.spec.weight)]
+
+
+async def poll_forever(backends: list[Backend], session: aiohttp.ClientSession, interval: float) -> None:
+    while True:
+        started = time.monotonic()
+        await asyncio.gather(*(b.poll(session, max(1.0, interval * 4)) for b in backends))
+        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))

@@ -1,0 +1,36 @@
+"""Balancer policy (pure): the backend slots (one per GPU of a comfy-multigpu instance, one per stock
+instance) and which one a prompt goes to; the same rules as in-process placement
+(comfy_multigpu.placement.choose_least_loaded): healthy only, idle first, then the slot that has the
+prompt's models, then the least weighted load."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+from ..placement import WorkerLoad, choose_least_loaded
+
+
+@dataclass(frozen=True)
+class Slot:
+    backend: str                   # backend name (its URL)
+    gpu: Optional[int]             # GPU index on a comfy-multigpu backend, None for a stock instance
+    healthy: bool
+    running: int
+    pending: int
+    weight: float = 1.0
+    models: tuple = ()             # model keys it ran lately, oldest first (comfy-multigpu backends)
+
+
+def choose_slot(slots: Sequence[Slot], models: frozenset = frozenset(),
+                exclude: frozenset = frozenset()) -> Optional[Slot]:
+    """The slot a prompt goes to, never one of a backend in `exclude` (failed this time); None if no
+    healthy slot is left."""
+    loads = [WorkerLoad(i, s.healthy and s.backend not in exclude, s.running, s.pending, s.models, s.weight)
+             for i, s in enumerate(slots)]
+    index = choose_least_loaded(loads, models)
+    return None if index is None else slots[index]
+
+
+def with_submitted(slots: Sequence[Slot], chosen: Slot) -> list[Slot]:
+    """The view after sending one prompt to `chosen` (until the next poll says better)."""
+    return [replace(s, pending=s.pending + 1) if s is chosen else s for s in slots]
