@@ -152,6 +152,23 @@ def test_uploads_reach_every_backend(balancer, stock, multi2):
     assert (multi2.base / "input" / name).read_bytes() == png
 
 
+def test_view_serves_the_file_from_the_backend_that_made_it(balancer, stock, multi2):
+    """Both backends have a file of that name; the balancer knows which one reported it."""
+    blocker = balancer.post("/prompt", {"prompt": wf.sleep(1.5, 0)})           # the first idle slot: stock
+    prefix = f"view-{uuid.uuid4().hex[:8]}"
+    made = balancer.post("/prompt", {"prompt": wf.save_batch(prefix, 200, batch=1)})
+    assert blocker["instance"] == stock.url and made["instance"] == multi2.url
+    entry = balancer.wait([made["prompt_id"]])[made["prompt_id"]]
+    image = entry["outputs"]["2"]["images"][0]
+    real = (multi2.base / "output" / image["subfolder"] / image["filename"]).read_bytes()
+    decoy = stock.base / "output" / image["subfolder"] / image["filename"]
+    decoy.write_bytes(b"not the image")
+    query = f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type=output"
+    req = urllib.request.urlopen(balancer.url + query, timeout=30)
+    assert req.read() == real
+    balancer.wait([blocker["prompt_id"]])
+
+
 def test_interrupt_by_prompt_id_reaches_the_backend_that_runs_it(balancer):
     answer = balancer.post("/prompt", {"prompt": wf.sleep(20, 1)})
     deadline = time.time() + 20
@@ -198,6 +215,28 @@ def test_a_submit_that_cannot_connect_is_retried_elsewhere_with_the_same_id(serv
         assert {i["url"]: i["healthy"] for i in b.get("/instances")} == {gone.url: False, multi2.url: True}
         assert b.wait([pid])[pid]["status"]["status_str"] == "success"
         assert "trying another backend" in b.log_path.read_text()
+    finally:
+        b.stop()
+
+
+def test_prompts_wait_in_the_balancer_until_a_gpu_is_free(multi2, tmp_path):
+    """With depth 1 each GPU slot gets one prompt at a time; the rest are held in order and sent the
+    moment a slot frees (late binding: whichever GPU is free first gets the next prompt)."""
+    b = BalancerProcess([multi2.url], tmp_path, extra=("--depth", "1"))
+    try:
+        answers = [b.post("/prompt", {"prompt": wf.sleep(0.6, i)}) for i in range(5)]
+        assert [a.get("held", False) for a in answers] == [False, False, True, True, True]
+        bad = b.post("/prompt", {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}})
+        assert bad["held"] is True                       # accepted here; the backend refuses it later
+        queue = b.get("/queue")
+        assert len(queue["queue_running"]) + len(queue["queue_pending"]) == 6
+        done = b.wait([a["prompt_id"] for a in answers] + [bad["prompt_id"]], timeout=60)
+        assert all(done[a["prompt_id"]]["status"]["status_str"] == "success" for a in answers)
+        starts = sorted(wf.ui(done[a["prompt_id"]], "1", "t0") for a in answers)
+        assert starts[2] - starts[0] < 1.2                 # the third started as soon as a GPU was free
+        refused = done[bad["prompt_id"]]["status"]
+        assert refused["status_str"] == "error" and "NoSuchNode" in json.dumps(refused)
+        assert b.get("/status")["held"] == 0
     finally:
         b.stop()
 

@@ -109,3 +109,20 @@ async def poll_forever(backends: list[Backend], session: aiohttp.ClientSession, 
         started = time.monotonic()
         await asyncio.gather(*(b.poll(session, max(1.0, interval * 4)) for b in backends))
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+async def watch_queue_events(backend: Backend, session: aiohttp.ClientSession, on_change) -> None:
+    """One WebSocket per backend: ComfyUI broadcasts a `status` message whenever its queue changes,
+    so the balancer re-reads that backend at once instead of waiting for the next poll."""
+    import uuid
+    client_id = f"balancer-{uuid.uuid4().hex[:12]}"
+    while True:
+        try:
+            async with session.ws_connect(backend.url(f"/ws?clientId={client_id}"), headers=backend.headers,
+                                          heartbeat=30) as ws:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.TEXT and '"status"' in msg.data:
+                        await on_change(backend)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        await asyncio.sleep(1.0)

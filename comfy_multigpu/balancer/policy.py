@@ -22,10 +22,12 @@ class Slot:
 
 
 def choose_slot(slots: Sequence[Slot], models: frozenset = frozenset(),
-                exclude: frozenset = frozenset()) -> Optional[Slot]:
-    """The slot a prompt goes to, never one of a backend in `exclude` (failed this time); None if no
-    healthy slot is left."""
-    loads = [WorkerLoad(i, s.healthy and s.backend not in exclude, s.running, s.pending, s.models, s.weight)
+                exclude: frozenset = frozenset(), depth: int = 0) -> Optional[Slot]:
+    """The slot a prompt goes to, never one of a backend in `exclude` (failed this time) nor, with
+    depth > 0, one that already has `depth` prompts (running + queued); None if no slot can take it
+    now (the balancer then holds the prompt until one can)."""
+    loads = [WorkerLoad(i, s.healthy and s.backend not in exclude and (depth <= 0 or s.running + s.pending < depth),
+                        s.running, s.pending, s.models, s.weight)
              for i, s in enumerate(slots)]
     index = choose_least_loaded(loads, models)
     return None if index is None else slots[index]

@@ -2,7 +2,7 @@
 
 Flags win over the environment, which wins over the config file. Environment: COMFY_BALANCER_BACKENDS
 ("URL[=weight],URL..."), COMFY_BALANCER_LISTEN, COMFY_BALANCER_POLL_INTERVAL, COMFY_BALANCER_TOKEN,
-COMFY_BALANCER_CONFIG. Config file:
+COMFY_BALANCER_DEPTH, COMFY_BALANCER_CONFIG. Config file:
 
     listen = "0.0.0.0:9999"
     poll_interval = 0.5
@@ -41,6 +41,7 @@ class BalancerSettings:
     poll_interval: float = 0.5
     token: str = ""
     down_after: int = 3                   # failed polls before a backend is marked down
+    depth: int = 2                        # prompts per GPU slot (running + queued); more wait here
     extra: dict = field(default_factory=dict)
 
 
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:9999)")
     p.add_argument("--poll-interval", help="seconds between queue polls of each backend (default 0.5)")
     p.add_argument("--token", help="bearer token clients must send (default: none)")
+    p.add_argument("--depth", help="prompts per GPU slot, running + queued, before the balancer holds "
+                                   "further ones until a slot frees (default 2; 0 = send everything at once)")
     return p
 
 
@@ -117,4 +120,7 @@ def resolve(argv: Optional[list] = None, env: Mapping[str, str] = os.environ) ->
     host, port = parse_listen(str(listen))
     poll = _poll(args.poll_interval or env.get("COMFY_BALANCER_POLL_INTERVAL") or config.get("poll_interval", 0.5))
     token = args.token or env.get("COMFY_BALANCER_TOKEN") or str(config.get("token", ""))
-    return BalancerSettings(tuple(backends), host, port, poll, token)
+    depth_text = str(args.depth or env.get("COMFY_BALANCER_DEPTH") or config.get("depth", 2))
+    if not depth_text.isdigit():
+        raise SettingsError(f"depth {depth_text!r} must be a whole number, 0 or more")
+    return BalancerSettings(tuple(backends), host, port, poll, token, depth=int(depth_text))
