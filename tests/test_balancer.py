@@ -180,17 +180,19 @@ def test_interrupt_by_prompt_id_reaches_the_backend_that_runs_it(balancer):
     assert "execution_interrupted" in dict(entry["status"]["messages"])
 
 
-def test_a_killed_backend_is_marked_down_avoided_and_rejoins(servers, multi2, tmp_path):
+def test_a_backend_killed_mid_run_is_marked_down_avoided_and_rejoins(servers, multi2, tmp_path):
     extra = servers.start("balanced-extra", workers=1, env={"COMFY_MULTI_GPU_SCHED": "1"})
-    b = BalancerProcess([multi2.url, extra.url], tmp_path)
+    b = BalancerProcess([extra.url, multi2.url], tmp_path)
     try:
         assert b.get("/health")["healthy"] == 2
-        extra.kill()
+        running = b.post("/prompt", {"prompt": wf.sleep(3.0, 1)})          # first idle slot: extra
+        assert running["instance"] == extra.url
+        extra.wait_running(running["prompt_id"])
+        extra.kill()                                                         # mid-run
         deadline = time.time() + 10
         while time.time() < deadline and b.get("/health")["healthy"] != 1:
             time.sleep(0.1)
-        down = {i["url"]: i["healthy"] for i in b.get("/instances")}
-        assert down == {multi2.url: True, extra.url: False}
+        assert {i["url"]: i["healthy"] for i in b.get("/instances")} == {multi2.url: True, extra.url: False}
         answers = [b.post("/prompt", {"prompt": wf.sleep(0.05, i)}) for i in range(4)]
         assert {a["instance"] for a in answers} == {multi2.url}
         extra.start()
@@ -198,7 +200,11 @@ def test_a_killed_backend_is_marked_down_avoided_and_rejoins(servers, multi2, tm
         while time.time() < deadline and b.get("/health")["healthy"] != 2:
             time.sleep(0.1)
         assert b.get("/health")["healthy"] == 2
-        assert "marked DOWN" in b.log_path.read_text() and "is UP" in b.log_path.read_text()
+        log = b.log_path.read_text()
+        assert "marked DOWN" in log and "is UP" in log
+        # the prompt that was running when it died is in that backend's journal: it runs again there
+        entry = b.wait([running["prompt_id"]], timeout=30)[running["prompt_id"]]
+        assert entry["status"]["status_str"] == "success" and entry["instance"] == extra.url
     finally:
         b.stop()
 
@@ -275,9 +281,14 @@ def test_settings_from_flags_environment_and_config(tmp_path):
     config.write_text('listen = "127.0.0.1:7000"\n[[backend]]\nurl = "http://c:8188"\nweight = 2\ntoken = "k"\n')
     s = resolve(["--config", str(config)], env={})
     assert (s.port, s.backends[0].token, s.backends[0].weight) == (7000, "k", 2.0)
+    assert (s.depth, s.pin_gpu) == (2, "idle")
+    s = resolve(["--backend", "http://x:1", "--depth", "0", "--pin-gpu", "always"], env={})
+    assert (s.depth, s.pin_gpu) == (0, "always")
+    assert resolve(["--backend", "http://x:1"], env={"COMFY_BALANCER_PIN_GPU": "never"}).pin_gpu == "never"
     for argv, fragment in ([[], "no backend"], [["--backend", "ftp://x"], "not an http"],
                            [["--backend", "http://x:1=zero"], "not a number"],
                            [["--backend", "http://x:1", "--poll-interval", "0"], "between"],
-                           [["--backend", "http://x:1", "--backend", "http://x:1"], "twice"]):
+                           [["--backend", "http://x:1", "--backend", "http://x:1"], "twice"],
+                           [["--backend", "http://x:1", "--depth", "-1"], "whole number"]):
         with pytest.raises(SettingsError, match=fragment):
             resolve(argv, env={})

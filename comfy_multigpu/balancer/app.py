@@ -143,7 +143,9 @@ class Balancer:
             if slot is None:
                 return 503, self._no_backend(tried)
             backend = self.by_name[slot.backend]
-            headers = {"X-TARGET-GPU": str(slot.gpu)} if slot.gpu is not None else {}
+            pin = self.settings.pin_gpu == "always" or (self.settings.pin_gpu == "idle" and
+                                                         slot.running + slot.pending == 0)
+            headers = {"X-TARGET-GPU": str(slot.gpu)} if slot.gpu is not None and pin else {}
             backend.note_submitted(slot.gpu)          # before awaiting: a concurrent submit sees it
             try:
                 status, _, raw = await self.call(backend, "POST", "/prompt", json_body=body, headers=headers)

@@ -42,6 +42,7 @@ class BalancerSettings:
     token: str = ""
     down_after: int = 3                   # failed polls before a backend is marked down
     depth: int = 2                        # prompts per GPU slot (running + queued); more wait here
+    pin_gpu: str = "idle"                 # X-TARGET-GPU to a comfy-multigpu backend: always | idle | never
     extra: dict = field(default_factory=dict)
 
 
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:9999)")
     p.add_argument("--poll-interval", help="seconds between queue polls of each backend (default 0.5)")
     p.add_argument("--token", help="bearer token clients must send (default: none)")
+    p.add_argument("--pin-gpu", choices=["always", "idle", "never"],
+                   help="send X-TARGET-GPU for the chosen GPU of a comfy-multigpu backend: always, only when "
+                        "that GPU is idle (default: a prompt that must queue is left to the backend's own "
+                        "placement, which can still move it to whichever of its GPUs frees first), or never")
     p.add_argument("--depth", help="prompts per GPU slot, running + queued, before the balancer holds "
                                    "further ones until a slot frees (default 2; 0 = send everything at once)")
     return p
@@ -123,4 +128,7 @@ def resolve(argv: Optional[list] = None, env: Mapping[str, str] = os.environ) ->
     depth_text = str(args.depth or env.get("COMFY_BALANCER_DEPTH") or config.get("depth", 2))
     if not depth_text.isdigit():
         raise SettingsError(f"depth {depth_text!r} must be a whole number, 0 or more")
-    return BalancerSettings(tuple(backends), host, port, poll, token, depth=int(depth_text))
+    pin = str(args.pin_gpu or env.get("COMFY_BALANCER_PIN_GPU") or config.get("pin_gpu", "idle"))
+    if pin not in ("always", "idle", "never"):
+        raise SettingsError(f"pin_gpu {pin!r} must be always, idle or never")
+    return BalancerSettings(tuple(backends), host, port, poll, token, depth=int(depth_text), pin_gpu=pin)
