@@ -31,12 +31,12 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from bench_placement import comfyui_dir, make_jobs  # noqa: E402
+from bench_placement import make_jobs  # noqa: E402
 from helpers import workflows as wf  # noqa: E402
 from helpers.comfy_server import ComfyServer, free_port  # noqa: E402
 from helpers.nginx import Nginx, free_port_block  # noqa: E402
+from shared import comfyui_dir, write_section  # noqa: E402
 
-BEGIN, END = "<!-- balancer:begin -->", "<!-- balancer:end -->"
 NGINX = """
 upstream comfy {{ {method}
     {servers}
@@ -175,10 +175,7 @@ def main() -> None:
     text = "\n".join(sections)
     print(text)
     if opts.write:
-        doc = REPO / "docs" / "benchmarks.md"
-        head, rest = doc.read_text().split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+        write_section("balancer", text)
 
 
 def report(results, jobs, bound, opts, scenario) -> str:

@@ -24,13 +24,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import workflows as wf  # noqa: E402
 from helpers.comfy_server import ComfyServer  # noqa: E402
+from shared import comfyui_dir, write_section  # noqa: E402
 
-BEGIN, END = "<!-- orchestration:begin -->", "<!-- orchestration:end -->"
 
-
-def comfyui_dir() -> Path:
-    cache = Path(os.environ.get("COMFY_MULTIGPU_CACHE", Path.home() / ".cache" / "comfy-multigpu"))
-    return Path(os.environ.get("COMFYUI_DIR", cache / "comfyui-783545f689a0af730065994b46b382ae24844c99"))
 
 
 def wait_idle(servers, timeout=600.0):
@@ -122,11 +118,7 @@ def main() -> None:
     text = report(results, lat, opts)
     print(text)
     if opts.write:
-        doc = REPO / "docs" / "benchmarks.md"
-        current = doc.read_text()
-        head, rest = current.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+        write_section("orchestration", text)
 
 
 def report(results, lat, opts) -> str:

@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO))
 from comfy_multigpu.nginx_conf import NginxSettings, render  # noqa: E402
 from helpers import workflows as wf  # noqa: E402
 from helpers.comfy_server import ComfyServer  # noqa: E402
+from shared import comfyui_dir, write_section  # noqa: E402
 from helpers.nginx import Nginx, free_port_block  # noqa: E402
 
-BEGIN, END = "<!-- placement:begin -->", "<!-- placement:end -->"
 GPUS = 4
 MODELS = ("model-a", "model-b", "model-c")
 POPULARITY = (0.5, 0.3, 0.2)
@@ -102,10 +102,6 @@ def ideal_fifo(jobs: list[Job], load_s: float, slots: int) -> float:
         free[g] += job.seconds + (load_s if load else 0.0)
     return max(free)
 
-
-def comfyui_dir() -> Path:
-    cache = Path(os.environ.get("COMFY_MULTIGPU_CACHE", Path.home() / ".cache" / "comfy-multigpu"))
-    return Path(os.environ.get("COMFYUI_DIR", cache / "comfyui-783545f689a0af730065994b46b382ae24844c99"))
 
 
 # ---- strategies: each returns a function job -> (server-relative URL base, headers) ------------------
@@ -262,10 +258,7 @@ def main() -> None:
     text = "\n".join(sections)
     print(text)
     if opts.write:
-        doc = REPO / "docs" / "benchmarks.md"
-        head, rest = doc.read_text().split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+        write_section("placement", text)
 
 
 def header(jobs: list[Job], bound: float, min_loads: int, opts) -> str:

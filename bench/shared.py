@@ -1,0 +1,21 @@
+"""What the benchmark scripts share: where the pinned ComfyUI is, and writing a result section into
+docs/benchmarks.md between its `<!-- name:begin -->` / `<!-- name:end -->` markers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def comfyui_dir() -> Path:
+    cache = Path(os.environ.get("COMFY_MULTIGPU_CACHE", Path.home() / ".cache" / "comfy-multigpu"))
+    return Path(os.environ.get("COMFYUI_DIR", cache / "comfyui-783545f689a0af730065994b46b382ae24844c99"))
+
+
+def write_section(name: str, text: str) -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = REPO / "docs" / "benchmarks.md"
+    head, rest = doc.read_text().split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{text}{end}{tail}")
