@@ -86,6 +86,14 @@ class BalancerProcess:
         self.log.close()
 
 
+def wait_idle(*servers, timeout=60):
+    """Until no prompt runs or waits on these backends (they are shared with other test files)."""
+    deadline = time.time() + timeout
+    for server in servers:
+        while time.time() < deadline and server.get("/prompt")["exec_info"]["queue_remaining"]:
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def balancer(stock, multi2, tmp_path_factory):
     b = BalancerProcess([stock.url, multi2.url], tmp_path_factory.mktemp("balancer"))
@@ -121,7 +129,9 @@ def test_the_seed_api_waits_for_completion(balancer):
     assert bad.value.status == 400
 
 
-def test_a_burst_between_two_polls_is_spread_over_every_slot(balancer):
+def test_a_burst_between_two_polls_is_spread_over_every_slot(balancer, stock, multi2):
+    wait_idle(stock, multi2)
+    time.sleep(0.5)                                                         # a poll sees them idle
     answers = [balancer.post("/prompt", {"prompt": wf.sleep(1.0, i)}) for i in range(6)]
     spread = Counter((a["instance"], a.get("gpu_id")) for a in answers)
     assert len(spread) == 3 and set(spread.values()) == {2}                # stock 1 slot + 2 GPUs, 2 each
@@ -130,7 +140,9 @@ def test_a_burst_between_two_polls_is_spread_over_every_slot(balancer):
     balancer.wait([a["prompt_id"] for a in answers], timeout=60)
 
 
-def test_websocket_events_of_every_prompt_reach_the_submitting_client(balancer):
+def test_websocket_events_of_every_prompt_reach_the_submitting_client(balancer, stock, multi2):
+    wait_idle(stock, multi2)
+    time.sleep(0.5)
     client = ws.Client(uuid.uuid4().hex)
     (done,) = ws.run(balancer.url, [(client, [(0.0, wf.sleep(0.4, i)) for i in range(4)])], timeout=60)
     assert len(done.prompt_ids) == 4 and done.finished >= done.prompt_ids
@@ -153,11 +165,17 @@ def test_uploads_reach_every_backend(balancer, stock, multi2):
 
 
 def test_view_serves_the_file_from_the_backend_that_made_it(balancer, stock, multi2):
-    """Both backends have a file of that name; the balancer knows which one reported it."""
-    blocker = balancer.post("/prompt", {"prompt": wf.sleep(1.5, 0)})           # the first idle slot: stock
+    """Both backends have a file of that name; the balancer knows which one reported it. The file is
+    made on multi2 (listed second), so asking the backends in order would return stock's decoy."""
+    wait_idle(multi2)
+    deadline = time.time() + 30
+    blocker = stock.submit(wf.sleep(3.0, 0))["prompt_id"]                  # stock busy, as the balancer sees
+    stock.wait_running(blocker)
+    while time.time() < deadline and not next(i for i in balancer.get("/instances") if i["url"] == stock.url)["gpus"][0]["running"]:
+        time.sleep(0.05)
     prefix = f"view-{uuid.uuid4().hex[:8]}"
     made = balancer.post("/prompt", {"prompt": wf.save_batch(prefix, 200, batch=1)})
-    assert blocker["instance"] == stock.url and made["instance"] == multi2.url
+    assert made["instance"] == multi2.url
     entry = balancer.wait([made["prompt_id"]])[made["prompt_id"]]
     image = entry["outputs"]["2"]["images"][0]
     real = (multi2.base / "output" / image["subfolder"] / image["filename"]).read_bytes()
@@ -166,7 +184,7 @@ def test_view_serves_the_file_from_the_backend_that_made_it(balancer, stock, mul
     query = f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type=output"
     req = urllib.request.urlopen(balancer.url + query, timeout=30)
     assert req.read() == real
-    balancer.wait([blocker["prompt_id"]])
+    stock.wait(blocker)
 
 
 def test_interrupt_by_prompt_id_reaches_the_backend_that_runs_it(balancer):
@@ -228,6 +246,7 @@ def test_a_submit_that_cannot_connect_is_retried_elsewhere_with_the_same_id(serv
 def test_prompts_wait_in_the_balancer_until_a_gpu_is_free(multi2, tmp_path):
     """With depth 1 each GPU slot gets one prompt at a time; the rest are held in order and sent the
     moment a slot frees (late binding: whichever GPU is free first gets the next prompt)."""
+    wait_idle(multi2)
     b = BalancerProcess([multi2.url], tmp_path, extra=("--depth", "1"))
     try:
         answers = [b.post("/prompt", {"prompt": wf.sleep(0.6, i)}) for i in range(5)]
