@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from bench_placement import make_jobs  # noqa: E402
 from helpers import workflows as wf  # noqa: E402
 from helpers.comfy_server import ComfyServer, free_port  # noqa: E402
 from helpers.nginx import Nginx, free_port_block  # noqa: E402
-from shared import comfyui_dir, write_section  # noqa: E402
+from shared import comfyui_dir, timed, write_section  # noqa: E402
 
 NGINX = """
 upstream comfy {{ {method}
@@ -128,8 +127,8 @@ def run(kind: str, jobs, opts, base: Path, scenario: str) -> dict:
         per_instance = [sum(1 for p in ids if p in s.get("/history", max_items=100000)) for s in instances]
         out = {"makespan": max(ends) - started, "loads": loads, "per_instance": per_instance}
         if kind == "balancer" and workers:
-            direct = latency(instances[0].url + "/queue/all?counts=1")
-            through = latency(front.url + "/queue/all?counts=1")      # proxied to the first backend
+            direct = timed(lambda: get(instances[0].url + "/queue/all?counts=1"), 300)
+            through = timed(lambda: get(front.url + "/queue/all?counts=1"), 300)   # proxied to the first backend
             out["latency"] = (direct, through)
         return out
     finally:
@@ -137,16 +136,6 @@ def run(kind: str, jobs, opts, base: Path, scenario: str) -> dict:
             front.stop()
         for s in instances:
             s.stop()
-
-
-def latency(url: str, n: int = 300) -> tuple[float, float]:
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        get(url)
-        samples.append(time.perf_counter() - t)
-    samples.sort()
-    return statistics.median(samples) * 1000, samples[int(0.99 * (n - 1))] * 1000
 
 
 def main() -> None:

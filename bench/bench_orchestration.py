@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -24,17 +23,14 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import workflows as wf  # noqa: E402
 from helpers.comfy_server import ComfyServer  # noqa: E402
-from shared import comfyui_dir, write_section  # noqa: E402
+from shared import comfyui_dir, percentiles, timed, write_section  # noqa: E402
 
 
 
 
 def wait_idle(servers, timeout=600.0):
-    deadline = time.time() + timeout
-    while any(s.get("/prompt")["exec_info"]["queue_remaining"] for s in servers):
-        if time.time() > deadline:
-            raise TimeoutError("queue did not drain")
-        time.sleep(0.02)
+    for server in servers:
+        server.wait_idle(timeout)
 
 
 def throughput(servers, prompts: int, seconds: float) -> float:
@@ -45,21 +41,6 @@ def throughput(servers, prompts: int, seconds: float) -> float:
         servers[i % len(servers)].submit(wf.sleep(seconds, i))
     wait_idle(servers)
     return prompts / (time.perf_counter() - start)
-
-
-def percentiles(samples):
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-    return statistics.median(ordered) * 1000, p99 * 1000
-
-
-def timed(fn, n):
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return percentiles(samples)
 
 
 def latency(server, workers: int | None, pending: int = 1000):

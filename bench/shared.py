@@ -1,8 +1,10 @@
-"""What the benchmark scripts share: where the pinned ComfyUI is, and writing a result section into
-docs/benchmarks.md between its `<!-- name:begin -->` / `<!-- name:end -->` markers."""
+"""What the benchmark scripts share: where the pinned ComfyUI is, timing a call (p50/p99), and writing a
+result section into docs/benchmarks.md between its `<!-- name:begin -->` / `<!-- name:end -->` markers."""
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,3 +21,20 @@ def write_section(name: str, text: str) -> None:
     head, rest = doc.read_text().split(begin, 1)
     _, tail = rest.split(end, 1)
     doc.write_text(f"{head}{begin}\n{text}{end}{tail}")
+
+
+def percentiles(samples) -> tuple[float, float]:
+    """(p50, p99) in milliseconds of samples in seconds."""
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return statistics.median(ordered) * 1000, p99 * 1000
+
+
+def timed(fn, n: int) -> tuple[float, float]:
+    """(p50, p99) in milliseconds of `n` sequential calls of fn()."""
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return percentiles(samples)

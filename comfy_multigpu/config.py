@@ -165,16 +165,6 @@ def parse_weights(raw: str, gpu_count: int) -> tuple[float, ...]:
     return tuple(weights)
 
 
-def parse_overtakes(raw: str, gpu_count: int) -> int:
-    raw = raw.strip()
-    if not raw:
-        return OVERTAKES_PER_WORKER * gpu_count
-    if not raw.isascii() or not raw.isdigit():
-        raise ConfigError(f"{ENV_OVERTAKES}={raw!r} must be a whole number, 0 or more (0 = first come, "
-                          f"first served)")
-    return int(raw)
-
-
 def _whole(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -220,7 +210,7 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
         devices = tuple(f"cuda:{i}" for i in range(wanted))
     pools = parse_pools(env.get(ENV_POOLS, ""), len(devices))
     weights = parse_weights(env.get(ENV_WEIGHTS, ""), len(devices))
-    overtakes = parse_overtakes(env.get(ENV_OVERTAKES, ""), len(devices))
+    overtakes = _whole(env, ENV_OVERTAKES, OVERTAKES_PER_WORKER * len(devices))
     options = {"pools": pools, "weights": weights, "max_overtakes": overtakes,
                  "max_queue_per_gpu": _whole(env, ENV_QUEUE_PER_GPU, 0), "max_queue": _whole(env, ENV_QUEUE_TOTAL, 0),
                  "drain_timeout": _seconds(env, ENV_DRAIN_TIMEOUT, 600.0),

@@ -181,11 +181,13 @@ class WorkerPool:
             entry["gpu_id"] = worker.gpu_id
             self.history[prompt[1]] = entry
             self.mean_run_s = run_s if not self.mean_run_s else 0.9 * self.mean_run_s + 0.1 * run_s
-            if self.journal is not None:
-                try:
-                    self.journal.finished(prompt[1], worker.gpu_id, entry)
-                except Exception:
-                    worker.log.exception("Journal: could not record that %s finished", prompt[1])
+        # Outside the pool's lock (other workers and POST /prompt wait on it): the journal accepted
+        # this prompt before it was queued, so the order of the two writes holds without it.
+        if self.journal is not None:
+            try:
+                self.journal.finished(prompt[1], worker.gpu_id, entry)
+            except Exception:
+                worker.log.exception("Journal: could not record that %s finished", prompt[1])
         self._queue_updated()
 
     def check_watchdog(self, now: float) -> None:

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("comfy_multigpu")
 
 
+def _error_message(prompt_id: str, ex: BaseException, prefix: str = "") -> dict:
+    """The execution_error data of a prompt that failed outside ComfyUI's per-node handling."""
+    return {"prompt_id": prompt_id, "exception_message": f"{prefix}{type(ex).__name__}: {ex}",
+            "exception_type": type(ex).__name__, "timestamp": int(time.time() * 1000)}
+
+
 class WorkerLog(logging.LoggerAdapter):
     """Prefixes every line with the worker's GPU id: "[GPU 1] ..."."""
 
@@ -180,8 +186,7 @@ class GpuWorker:
         with self.pool.mutex:
             jobs = list(self.running.items())
         for item_id, item in jobs:
-            message = {"prompt_id": item[1], "exception_message": f"worker died: {type(ex).__name__}: {ex}",
-                       "exception_type": type(ex).__name__, "timestamp": int(time.time() * 1000)}
+            message = _error_message(item[1], ex, "worker died: ")
             status = execution.PromptQueue.ExecutionStatus(status_str="error", completed=False,
                                                           messages=[("execution_error", message)])
             self.pool.release_save_keys(self)
@@ -205,9 +210,7 @@ class GpuWorker:
         except (Exception, SystemExit) as ex:  # raised outside ComfyUI's per-node handling
             self.log.exception("Prompt %s failed outside node execution", prompt_id)
             success = False
-            messages = executor.status_messages + [("execution_error", {
-                "prompt_id": prompt_id, "exception_message": f"{type(ex).__name__}: {ex}",
-                "exception_type": type(ex).__name__, "timestamp": int(time.time() * 1000)})]
+            messages = executor.status_messages + [("execution_error", _error_message(prompt_id, ex))]
         finally:
             self.pool.release_save_keys(self)
         if success:

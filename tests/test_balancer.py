@@ -86,12 +86,10 @@ class BalancerProcess:
         self.log.close()
 
 
-def wait_idle(*servers, timeout=60):
+def wait_idle(*servers):
     """Until no prompt runs or waits on these backends (they are shared with other test files)."""
-    deadline = time.time() + timeout
     for server in servers:
-        while time.time() < deadline and server.get("/prompt")["exec_info"]["queue_remaining"]:
-            time.sleep(0.05)
+        server.wait_idle()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from typing import Optional
 import aiohttp
 from aiohttp import web
 
+from ..errors import ApiError, parse_json_object
 from ..placement import prompt_models
 from .backends import Backend, poll_forever, watch_queue_events
 from .policy import choose_slot
@@ -28,8 +29,7 @@ OWNERS_KEPT = 100_000
 
 
 def error(status: int, kind: str, message: str, details: str = "") -> web.Response:
-    return web.json_response({"error": {"type": kind, "message": message, "details": details, "extra_info": {}}},
-                             status=status)
+    return web.json_response(ApiError(status, kind, message, details).body(), status=status)
 
 
 @dataclass
@@ -111,8 +111,7 @@ class Balancer:
         frees up, so that work goes to whichever GPU is free first, whatever the durations."""
         prompt = body.get("prompt")
         if not isinstance(prompt, dict):
-            return 400, {"error": {"type": "no_prompt", "message": "a 'prompt' object (API-format workflow) is "
-                                   "required", "details": "", "extra_info": {}}, "node_errors": {}}
+            return 400, ApiError(400, "no_prompt", "a 'prompt' object (API-format workflow) is required").body("/prompt")
         body = dict(body)
         if not body.get("prompt_id"):
             body["prompt_id"] = str(uuid.uuid4())            # retries stay idempotent
@@ -129,9 +128,8 @@ class Balancer:
         return await self.send(body, models)
 
     def _no_backend(self, tried) -> dict:
-        return {"error": {"type": "no_backend", "message": "no healthy ComfyUI backend can take the prompt",
-                          "details": f"tried: {sorted(tried) or 'none healthy'}", "extra_info": {}},
-                "node_errors": {}}
+        return ApiError(503, "no_backend", "no healthy ComfyUI backend can take the prompt",
+                        f"tried: {sorted(tried) or 'none healthy'}").body("/prompt")
 
     async def send(self, body: dict, models: frozenset) -> tuple[int, dict]:
         """Send to the best slot with room; a backend that cannot be reached is marked down and the
@@ -146,11 +144,11 @@ class Balancer:
             pin = self.settings.pin_gpu == "always" or (self.settings.pin_gpu == "idle" and
                                                          slot.running + slot.pending == 0)
             headers = {"X-TARGET-GPU": str(slot.gpu)} if slot.gpu is not None and pin else {}
-            backend.note_submitted(slot.gpu)          # before awaiting: a concurrent submit sees it
+            backend.note_submitted(slot)          # before awaiting: a concurrent submit sees it
             try:
                 status, _, raw = await self.call(backend, "POST", "/prompt", json_body=body, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as ex:
-                backend.note_submitted(slot.gpu, -1)
+                backend.note_submitted(slot, -1)
                 logger.warning("submit to %s failed (%s); trying another backend", backend.name, ex)
                 backend.mark_failed(f"submit: {ex}", now=True)
                 tried.add(backend.name)
@@ -158,14 +156,14 @@ class Balancer:
             try:
                 answer = json.loads(raw)
             except ValueError:
-                answer = {"error": {"type": "bad_backend_answer", "message": raw[:200].decode("utf-8", "replace"),
-                                    "details": backend.name, "extra_info": {}}}
+                answer = ApiError(status, "bad_backend_answer", raw[:200].decode("utf-8", "replace"),
+                                  backend.name).body()
             if status == 200 and isinstance(answer, dict):
                 self.remember(answer.get("prompt_id", body["prompt_id"]), backend)
                 answer["instance"] = backend.name
                 answer.setdefault("gpu_id", slot.gpu)
             else:
-                backend.note_submitted(slot.gpu, -1)
+                backend.note_submitted(slot, -1)
             return status, answer
 
     async def dispatch_forever(self) -> None:
@@ -210,21 +208,19 @@ class Balancer:
     # ---- routes --------------------------------------------------------------------------
     async def post_prompt(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "invalid_json", "the body is not a JSON object", "send {\"prompt\": {...}}")
-        if not isinstance(body, dict):
-            return error(400, "invalid_json", "the body must be a JSON object")
+            body = parse_json_object(await request.read(), "/prompt")
+        except ApiError as ex:
+            return web.json_response(ex.body("/prompt"), status=ex.status)
         status, answer = await self.submit(body)
         return web.json_response(answer, status=status)
 
     async def post_generate(self, request: web.Request) -> web.Response:
         """Seed API: {"workflow", "client_id", "wait_for_completion", "timeout"}."""
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "invalid_json", "the body is not JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("workflow"), dict):
+            body = parse_json_object(await request.read(), "/generate")
+        except ApiError as ex:
+            return web.json_response(ex.body(), status=ex.status)
+        if not isinstance(body.get("workflow"), dict):
             return error(400, "invalid_workflow", "'workflow' (an API-format workflow object) is required")
         prompt_body = {"prompt": body["workflow"]}
         for key in ("client_id", "prompt_id", "extra_data"):
@@ -314,9 +310,9 @@ class Balancer:
     async def post_interrupt(self, request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            prompt_id = json.loads(body).get("prompt_id") if body.strip() else None
-        except (ValueError, AttributeError):
-            return error(400, "invalid_json", "the /interrupt body must be a JSON object")
+            prompt_id = parse_json_object(body, "/interrupt", empty_ok=True).get("prompt_id")
+        except ApiError as ex:
+            return web.json_response(ex.body(), status=ex.status)
         backend = self.owner(prompt_id) if isinstance(prompt_id, str) else None
         if backend is not None:
             await self.call(backend, "POST", "/interrupt", data=body, headers={"Content-Type": "application/json"})

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Optional
 
 import aiohttp
 
-from .policy import Slot
+from .policy import Slot, with_submitted
 from .settings import BackendSpec
 
 logger = logging.getLogger("comfy_multigpu.balancer")
@@ -48,7 +49,7 @@ class Backend:
         if self.healthy and (now or self.failures >= self.down_after):
             self.healthy = False
             logger.warning("backend %s marked DOWN after %d failure(s): %s", self.name, self.failures, why)
-            self.slots = [Slot(s.backend, s.gpu, False, s.running, s.pending, s.weight, s.models) for s in self.slots]
+            self.slots = [replace(s, healthy=False) for s in self.slots]
 
     def mark_ok(self) -> None:
         if not self.healthy:
@@ -57,12 +58,11 @@ class Backend:
         self.failures = 0
         self.last_error = ""
 
-    def note_submitted(self, gpu: Optional[int], count: int = 1) -> None:
-        """The view after one more prompt went here (count=-1: it did not after all), until the next
-        poll. Called when the slot is chosen, before the request, so concurrent submits see it."""
+    def note_submitted(self, slot: Slot, count: int = 1) -> None:
+        """One more prompt goes to `slot` (count=-1: it did not after all). Called when the slot is
+        chosen, before the request, so concurrent submits see it."""
         self.submitted += count
-        self.slots = [Slot(s.backend, s.gpu, s.healthy, s.running, max(0, s.pending + count), s.weight, s.models)
-                      if s.gpu == gpu else s for s in self.slots]
+        self.slots = with_submitted(self.slots, slot, count)
 
     def describe(self) -> dict:
         return {"url": self.name, "kind": self.kind, "healthy": self.healthy, "weight": self.spec.weight,

@@ -33,6 +33,8 @@ def choose_slot(slots: Sequence[Slot], models: frozenset = frozenset(),
     return None if index is None else slots[index]
 
 
-def with_submitted(slots: Sequence[Slot], chosen: Slot) -> list[Slot]:
-    """The view after sending one prompt to `chosen` (until the next poll says better)."""
-    return [replace(s, pending=s.pending + 1) if s is chosen else s for s in slots]
+def with_submitted(slots: Sequence[Slot], chosen: Slot, count: int = 1) -> list[Slot]:
+    """The view after sending one prompt to `chosen` (count=-1: it did not go after all), until the
+    next poll says better."""
+    return [replace(s, pending=max(0, s.pending + count))
+            if (s.backend, s.gpu) == (chosen.backend, chosen.gpu) else s for s in slots]

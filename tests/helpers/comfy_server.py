@@ -189,6 +189,14 @@ class ComfyServer:
                 raise TimeoutError(f"{len(missing)} prompt(s) not finished: {missing[:5]}\n{self.log()[-2000:]}")
             time.sleep(0.1)
 
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until nothing runs or waits on this server."""
+        deadline = time.time() + timeout
+        while self.get("/prompt")["exec_info"]["queue_remaining"]:
+            if time.time() > deadline:
+                raise TimeoutError(f"queue of {self.url} did not drain in {timeout} s")
+            time.sleep(0.02)
+
     def wait_running(self, prompt_id: str, timeout: float = 30.0) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
