@@ -144,11 +144,11 @@ class Balancer:
             pin = self.settings.pin_gpu == "always" or (self.settings.pin_gpu == "idle" and
                                                          slot.running + slot.pending == 0)
             headers = {"X-TARGET-GPU": str(slot.gpu)} if slot.gpu is not None and pin else {}
-            backend.note_submitted(slot)          # before awaiting: a concurrent submit sees it
+            submission = backend.note_submitted(slot)      # before awaiting: a concurrent submit sees it
             try:
                 status, _, raw = await self.call(backend, "POST", "/prompt", json_body=body, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as ex:
-                backend.note_submitted(slot, -1)
+                backend.note_answered(submission, queued=False)
                 logger.warning("submit to %s failed (%s); trying another backend", backend.name, ex)
                 backend.mark_failed(f"submit: {ex}", now=True)
                 tried.add(backend.name)
@@ -158,12 +158,12 @@ class Balancer:
             except ValueError:
                 answer = ApiError(status, "bad_backend_answer", raw[:200].decode("utf-8", "replace"),
                                   backend.name).body()
-            if status == 200 and isinstance(answer, dict):
+            queued = status == 200 and isinstance(answer, dict)
+            backend.note_answered(submission, queued)
+            if queued:
                 self.remember(answer.get("prompt_id", body["prompt_id"]), backend)
                 answer["instance"] = backend.name
                 answer.setdefault("gpu_id", slot.gpu)
-            else:
-                backend.note_submitted(slot, -1)
             return status, answer
 
     async def dispatch_forever(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import aiohttp
@@ -18,6 +18,13 @@ from .policy import Slot, with_submitted
 from .settings import BackendSpec
 
 logger = logging.getLogger("comfy_multigpu.balancer")
+
+
+@dataclass(eq=False)
+class Submission:
+    """A prompt sent to a slot: counted in the view until a poll started after its answer shows it."""
+    slot: Slot
+    answered_at: Optional[float] = None      # time.monotonic() of the backend's 200
 
 
 class Backend:
@@ -32,6 +39,7 @@ class Backend:
         self.last_poll = 0.0
         self.last_error = ""
         self.submitted = 0
+        self.in_flight: list[Submission] = []    # sent and maybe not yet in what a poll returned
 
     @property
     def headers(self) -> dict:
@@ -58,11 +66,23 @@ class Backend:
         self.failures = 0
         self.last_error = ""
 
-    def note_submitted(self, slot: Slot, count: int = 1) -> None:
-        """One more prompt goes to `slot` (count=-1: it did not after all). Called when the slot is
-        chosen, before the request, so concurrent submits see it."""
-        self.submitted += count
-        self.slots = with_submitted(self.slots, slot, count)
+    def note_submitted(self, slot: Slot) -> Submission:
+        """One more prompt goes to `slot`. Called when the slot is chosen, before the request, so
+        concurrent submits see it; `note_answered` follows."""
+        submission = Submission(slot)
+        self.in_flight.append(submission)
+        self.submitted += 1
+        self.slots = with_submitted(self.slots, slot)
+        return submission
+
+    def note_answered(self, submission: Submission, queued: bool) -> None:
+        """The backend answered: queued (kept in the view until a later poll includes it), or not."""
+        if queued:
+            submission.answered_at = time.monotonic()
+            return
+        self.in_flight.remove(submission)
+        self.submitted -= 1
+        self.slots = with_submitted(self.slots, submission.slot, -1)
 
     def describe(self) -> dict:
         return {"url": self.name, "kind": self.kind, "healthy": self.healthy, "weight": self.spec.weight,
@@ -73,11 +93,18 @@ class Backend:
 
     # ---- polling -------------------------------------------------------------------------
     async def poll(self, session: aiohttp.ClientSession, timeout: float) -> None:
+        started = time.monotonic()
         try:
             slots = await self._read_slots(session, timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as ex:
             self.mark_failed(f"{type(ex).__name__}: {ex}")
             return
+        # A prompt answered before this poll started is in what the backend returned; one still in
+        # flight (or answered since) may not be, so it stays counted: a stale poll never frees a slot
+        # that a concurrent submit just filled (at worst a slot looks full until the next poll).
+        self.in_flight = [f for f in self.in_flight if f.answered_at is None or f.answered_at >= started]
+        for f in self.in_flight:
+            slots = with_submitted(slots, f.slot)
         self.slots = slots
         self.last_poll = time.monotonic()
         self.mark_ok()
