@@ -16,9 +16,11 @@ from aiohttp import web
 from . import http_api, patching
 from .admission import Limits
 from .config import ConfigError, Settings, resolve_settings
+from .eviction import parse_ram_budget
 from .journal import Journal
 from .lifecycle import Drain
 from .pool import WorkerPool
+from .weights import WeightStore
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -109,6 +111,7 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     pool.limits = Limits(settings.max_queue_per_gpu, settings.max_queue)
     pool.watchdog_s = settings.watchdog
     journal_text = _open_journal(settings, pool, queue)
+    weights_text = _weight_store(settings, pool)
     srv.app.middlewares.append(http_api.make_middleware(queue))
     http_api.add_routes(srv.routes, queue)
     ext = Extension(settings, pool, patchset, version)
@@ -126,6 +129,7 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     logger.info("comfy-multigpu: %s; queue caps: %s per GPU, %s in all; SIGTERM drains for up to %.0f s; "
                 "watchdog %s", journal_text, settings.max_queue_per_gpu or "none", settings.max_queue or "none",
                 settings.drain_timeout, f"{settings.watchdog:g} s" if settings.watchdog else "off")
+    logger.info("comfy-multigpu: %s", weights_text)
     return ext
 
 
@@ -141,6 +145,18 @@ def _open_journal(settings: Settings, pool: WorkerPool, queue) -> str:
         logger.warning("comfy-multigpu: journal: %d prompt(s) accepted before the last stop had not finished; "
                        "queued again", requeued)
     return f"journal {path} ({history} finished prompts in history, {requeued} queued again)"
+
+
+def _weight_store(settings: Settings, pool: WorkerPool) -> str:
+    """The shared RAM cache of model files (None when COMFY_MULTIGPU_RAM_CACHE=off)."""
+    import psutil
+    total = psutil.virtual_memory().total
+    budget = parse_ram_budget(settings.ram_cache, total)
+    if budget is None:
+        return "model weights NOT shared (COMFY_MULTIGPU_RAM_CACHE=off): every worker loads its own copy"
+    pool.weights = WeightStore(budget)
+    return (f"model weights shared by all workers; RAM cache budget {budget / 2 ** 30:.1f} GiB "
+            f"of {total / 2 ** 30:.1f} GiB")
 
 
 def _pool_text(pools) -> str:

@@ -21,6 +21,10 @@ Rules (docs/configuration.md repeats them for users):
   prompts get to finish after SIGTERM); COMFY_MULTIGPU_WATCHDOG (seconds after which a still-running
   prompt marks its GPU unhealthy; 0 = off); COMFY_MULTIGPU_JOURNAL ("off", or a file path; default
   the user directory's comfy-multigpu/journal.sqlite3).
+- COMFY_MULTIGPU_RAM_CACHE: budget of the shared model-weight cache ("24GB", "70%" of total RAM, bytes;
+  default 70%), or "off" to let every worker load its own copy (stock behaviour).
+- COMFY_MULTIGPU_MALLOC_ARENAS: glibc malloc arenas for the process (default MALLOC_ARENAS; 0 = glibc's
+  default of 8 per core, each worker thread then keeps its own freed pages).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
+
+from .eviction import BudgetError, parse_ram_budget
 
 ENV_SCHED = "COMFY_MULTI_GPU_SCHED"
 ENV_NUM_GPUS = "COMFY_NUM_GPUS"
@@ -40,6 +46,9 @@ ENV_QUEUE_TOTAL = "COMFY_MULTIGPU_MAX_QUEUE"
 ENV_DRAIN_TIMEOUT = "COMFY_MULTIGPU_DRAIN_TIMEOUT"
 ENV_WATCHDOG = "COMFY_MULTIGPU_WATCHDOG"
 ENV_JOURNAL = "COMFY_MULTIGPU_JOURNAL"
+ENV_RAM_CACHE = "COMFY_MULTIGPU_RAM_CACHE"
+ENV_MALLOC_ARENAS = "COMFY_MULTIGPU_MALLOC_ARENAS"
+MALLOC_ARENAS = 2
 
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"0", "off", "false", "no"}
@@ -67,6 +76,8 @@ class Settings:
     drain_timeout: float = 600.0
     watchdog: float = 0.0
     journal: str = ""                  # "" = default path, "off" = none
+    ram_cache: str = ""                # COMFY_MULTIGPU_RAM_CACHE as given ("" = default, "off")
+    malloc_arenas: int = MALLOC_ARENAS
 
 
 def _parse_sched(env: Mapping[str, str]) -> str:
@@ -187,6 +198,15 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _ram_cache(env: Mapping[str, str]) -> str:
+    raw = env.get(ENV_RAM_CACHE, "").strip()
+    try:
+        parse_ram_budget(raw, 1 << 40, ENV_RAM_CACHE)      # the syntax; bytes come at activation
+    except BudgetError as ex:
+        raise ConfigError(str(ex)) from None
+    return raw
+
+
 def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) -> Settings:
     """Turn the environment plus what the machine has into the worker devices; raises ConfigError."""
     sched = _parse_sched(env)
@@ -214,7 +234,8 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
     options = {"pools": pools, "weights": weights, "max_overtakes": overtakes,
                  "max_queue_per_gpu": _whole(env, ENV_QUEUE_PER_GPU, 0), "max_queue": _whole(env, ENV_QUEUE_TOTAL, 0),
                  "drain_timeout": _seconds(env, ENV_DRAIN_TIMEOUT, 600.0),
-                 "watchdog": _seconds(env, ENV_WATCHDOG, 0.0), "journal": env.get(ENV_JOURNAL, "").strip()}
+                 "watchdog": _seconds(env, ENV_WATCHDOG, 0.0), "journal": env.get(ENV_JOURNAL, "").strip(),
+                 "ram_cache": _ram_cache(env), "malloc_arenas": _whole(env, ENV_MALLOC_ARENAS, MALLOC_ARENAS)}
     if sched == "on":
         return Settings(True, devices, f"{ENV_SCHED}=1", **options)
     if len(devices) > 1:

@@ -143,6 +143,27 @@ def check_interrupt_body(data: Mapping) -> None:
     _need(data, "prompt_id", (str, type(None)), "/interrupt", "a prompt id string")
 
 
+PRELOAD_TYPES = ("checkpoint", "unet", "clip", "vae", "lora", "controlnet")
+
+
+def check_preload_body(data: Mapping) -> None:
+    """POST /preload {"model": name, "type": one of PRELOAD_TYPES, "gpus": [ids], "wait": bool}."""
+    route = "/preload"
+    if not isinstance(data.get("model"), str) or not data["model"]:
+        raise bad_request("invalid_field", f"{route}: 'model' must be a file name as the loader lists it, "
+                          f"got {_kind(data.get('model'))}", 'e.g. {"model": "sd15.safetensors", "type": '
+                          '"checkpoint", "gpus": [0, 2]}', field="model")
+    if data.get("type", "checkpoint") not in PRELOAD_TYPES:
+        raise bad_request("invalid_field", f"{route}: 'type' {data.get('type')!r} is not one of "
+                          f"{', '.join(PRELOAD_TYPES)}", f"type: {' | '.join(PRELOAD_TYPES)}",
+                          field="type", valid=list(PRELOAD_TYPES))
+    gpus = data.get("gpus", [])
+    if not isinstance(gpus, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in gpus):
+        raise bad_request("invalid_field", f"{route}: 'gpus' must be a list of GPU ids (whole numbers), "
+                          f"got {gpus!r}"[:300], "gpus: e.g. [0, 2]; [] = RAM only", field="gpus")
+    _need(data, "wait", (bool,), route, "true or false")
+
+
 # POST route -> (checker, empty body allowed)
 BODY_CHECKS = {
     "/prompt": (check_prompt_body, False),
@@ -150,4 +171,5 @@ BODY_CHECKS = {
     "/history": (check_history_body, False),
     "/free": (lambda data: None, False),
     "/interrupt": (check_interrupt_body, True),
+    "/preload": (check_preload_body, False),
 }

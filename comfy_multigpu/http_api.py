@@ -8,12 +8,14 @@ reads the request's target from comfy_multigpu.context.current_request.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 
 from aiohttp import web
 
-from . import admission, errors, routing
+from . import admission, errors, preload, routing
 from .context import RequestScope, current_request
 from .errors import ApiError
 from .multiqueue import DuplicatePrompt, MultiQueue
@@ -67,6 +69,8 @@ def _prompt_headers(request: web.Request, pools) -> dict:
 
 # Malformed input the stock handlers would answer with 500 (a TypeError deep in a handler); on the
 # routes whose bodies we check, what still slips through is the client's mistake, answered 400.
+PRELOAD_WAIT_S = 600.0     # longest POST /preload waits for busy GPUs (then it answers "queued")
+
 CLIENT_FAULTS = (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError)
 
 
@@ -161,3 +165,49 @@ def add_routes(routes: web.RouteTableDef, queue: MultiQueue) -> None:
         ready = any(g["ready"] for g in gpus)
         return web.json_response({"ready": ready, "draining": pool.draining, "gpus": gpus},
                                  status=200 if ready else 503)
+
+    @routes.get("/multigpu/models")
+    async def get_models(request: web.Request) -> web.Response:
+        """The shared RAM cache: every file in it (bytes, users, last use) and the GPUs that have it loaded."""
+        if pool.weights is None:
+            return web.json_response({"sharing": False, "ram_cache": None, "models": []})
+        return web.json_response(await asyncio.to_thread(pool.weights.listing, pool.models_on_devices))
+
+    @routes.post("/preload")
+    async def post_preload(request: web.Request) -> web.Response:
+        """{"model", "type", "gpus", "wait"}: into the RAM cache, then onto the listed GPUs' devices."""
+        data = errors.parse_json_object(await request.read(), "/preload")     # checked by the middleware
+        kind, name = data.get("type", "checkpoint"), data["model"]
+        try:
+            if pool.weights is None:
+                raise errors.ApiError(409, "sharing_off", "/preload needs the shared RAM cache, which is off",
+                                      "unset COMFY_MULTIGPU_RAM_CACHE (or give it a size) and restart")
+            preload.check_file(kind, name)
+            gpus = preload.check_gpus(data.get("gpus", []), pool)
+        except errors.ApiError as ex:
+            return error_response(ex, "/preload")
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(preload.load, kind, name)
+        except Exception as ex:
+            logger.warning("/preload: %s %s could not be loaded", kind, name, exc_info=True)
+            return error_response(errors.ApiError(422, "load_failed", f"/preload: {kind} {name!r} could not be "
+                                                  f"loaded: {type(ex).__name__}: {ex}"[:500],
+                                                  "check the file (the server log has the details)"), "/preload")
+        ram_s = time.perf_counter() - started
+        requests = {g: preload.Request(kind, name) for g in gpus}
+        for gpu, req in requests.items():
+            pool.request_preload(gpu, req)
+        if requests and data.get("wait", True):
+            await asyncio.wait([asyncio.wrap_future(r.done) for r in requests.values()], timeout=PRELOAD_WAIT_S)
+        states = {}
+        for gpu, req in requests.items():
+            if not req.done.done():
+                states[str(gpu)] = "queued"
+            elif req.done.exception() is not None:
+                ex = req.done.exception()
+                states[str(gpu)] = f"failed: {type(ex).__name__}: {ex}"[:300]
+            else:
+                states[str(gpu)] = req.done.result()
+        return web.json_response({"model": name, "type": kind, "ram": "loaded", "ram_seconds": round(ram_s, 3),
+                                  "gpus": states, "seconds": round(time.perf_counter() - started, 3)})

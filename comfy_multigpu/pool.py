@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 from . import placement
 from .admission import Limits
+from .heap import release_free_heap
+from .weights import PinCounts
 from .worker import GpuWorker
 
 logger = logging.getLogger("comfy_multigpu")
@@ -85,6 +87,9 @@ class WorkerPool:
         self.draining = False                      # SIGTERM seen: start nothing new
         self.watchdog_s = 0.0
         self.mean_run_s = 0.0                      # moving average of prompt run time (Retry-After)
+        # shared model weights (set by activation; None = every worker loads its own copy)
+        self.weights = None                        # weights.WeightStore
+        self.pin_counts = PinCounts()
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -284,6 +289,7 @@ class WorkerPool:
                 self._gc_wanted = False
             gc.collect()
             comfy.model_management.soft_empty_cache()
+            release_free_heap()
             last = time.perf_counter()
             self.gc_runs += 1
             hook_breaker_ac10a0.restore_functions()
@@ -318,6 +324,31 @@ class WorkerPool:
             self._save_cond.notify_all()
 
     # ---- loaded-model ownership --------------------------------------------------------------
+    def request_preload(self, gpu_id: int, request) -> None:
+        """/preload onto a device: the worker does it in its thread, after its running prompt."""
+        worker = self.workers[gpu_id]
+        with self.mutex:
+            worker.flags.setdefault("preload", []).append(request)
+            worker.cond.notify()
+
+    def models_on_devices(self, entry) -> list[int]:
+        """GPUs that have a view of a shared file loaded on their device (for GET /multigpu/models)."""
+        import comfy.model_management as mm
+        from .weights import entry_of_module
+        gpus = []
+        with self.model_lock:
+            current = list(mm.current_loaded_models)
+            for worker in self.workers:
+                for loaded in worker.loaded_models():
+                    patcher = getattr(loaded, "model", None)
+                    module = getattr(patcher, "model", None)
+                    if module is None or not any(loaded is c for c in current):
+                        continue
+                    if entry_of_module(self.weights, module) is entry:
+                        gpus.append(worker.gpu_id)
+                        break
+        return gpus
+
     def models_in_use_by_others(self, worker: Optional[GpuWorker], device) -> list:
         """LoadedModel entries that busy workers other than `worker` hold on `device`."""
         # No pool.mutex here: this runs under model_lock, and weakref finalizers may take

@@ -1,4 +1,5 @@
-"""Before torch is imported: switch DynamicVRAM off when multi-GPU workers will run.
+"""Before torch is imported: switch DynamicVRAM off when multi-GPU workers will run, and cap the
+C heap's arenas before the worker threads exist (comfy_multigpu/heap.py).
 
 Host objects touched: comfy.cli_args.args.disable_dynamic_vram / enable_dynamic_vram, read by
 enables_dynamic_vram() at call time (cli_args.py:312-315, main.py:291) after prestartup scripts.
@@ -10,6 +11,7 @@ import os
 from typing import Mapping
 
 from .config import ConfigError, resolve_settings, cuda_count_without_torch
+from .heap import cap_arenas
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -29,3 +31,5 @@ def run(env: Mapping[str, str] = os.environ) -> None:
     args.disable_dynamic_vram = True
     logger.info("comfy-multigpu: DynamicVRAM switched off for %d concurrent workers (%s)",
                 len(settings.devices), ", ".join(settings.devices))
+    if cap_arenas(settings.malloc_arenas):
+        logger.info("comfy-multigpu: at most %d malloc arenas (COMFY_MULTIGPU_MALLOC_ARENAS)", settings.malloc_arenas)

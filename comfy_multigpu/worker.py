@@ -194,6 +194,7 @@ class GpuWorker:
             client = item[3].get("client_id") if isinstance(item[3], dict) else None
             if client is not None:
                 server.send_sync("execution_error", message, client)
+                server.send_sync("executing", {"node": None, "prompt_id": item[1]}, client)
 
     def _execute(self, executor, server, item: tuple, item_id: int) -> None:
         import execution
@@ -232,11 +233,16 @@ class GpuWorker:
         import comfy.model_management
         free_memory = flags.get("free_memory", False)
         if flags.get("unload_models", free_memory):
+            if self.pool.weights is not None:
+                self.pool.weights.release_held(self.gpu_id)
             comfy.model_management.unload_all_models()   # patched: this worker's device only
             self.log.info("Unloaded models (/free)")
         if free_memory:
             executor.reset()
             self.log.info("Reset node caches (/free)")
+        for request in flags.get("preload", ()):
+            from .preload import run_on_worker
+            run_on_worker(self, request)
         self.measure_free_memory()
         self.pool.request_gc()
 

@@ -39,8 +39,9 @@ def expand(value: int, count: int, delay: float, base: int = 1) -> dict:
             b: {"class_type": "MGShow", "inputs": {"value": [a, 0]}}}
 
 
-def txt2img(seed: int, prefix: str = "t2i", steps: int = 4, size: int = 64, lora: float = 0.0) -> dict:
-    wf = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+def txt2img(seed: int, prefix: str = "t2i", steps: int = 4, size: int = 64, lora: float = 0.0,
+            ckpt: str = CHECKPOINT) -> dict:
+    wf = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
           "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube", "clip": ["1", 1]}},
           "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
           "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},

@@ -16,6 +16,7 @@ class Client:
     events: list = field(default_factory=list)
     prompt_ids: set = field(default_factory=set)
     finished: set = field(default_factory=set)
+    closed: set = field(default_factory=set)    # prompts whose final `executing` (node None) arrived
 
     def foreign(self) -> list:
         """Events about prompts this client did not submit."""
@@ -36,6 +37,8 @@ async def _listen(session, base_url, client: Client, ready: asyncio.Event, heade
                 data = event.get("data") or {}
                 if event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                     client.finished.add(data.get("prompt_id"))
+                if event["type"] == "executing" and data.get("node") is None:
+                    client.closed.add(data.get("prompt_id"))
             elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                 break
 
@@ -64,6 +67,11 @@ async def run_clients(base_url: str, plan, timeout: float = 120.0, ws_headers=No
         await asyncio.gather(*(submit(c, d, p) for c, items in plan for d, p in items))
         deadline = time.time() + timeout
         while any(c.finished < c.prompt_ids for c, _ in plan) and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        # ComfyUI's worker sends `executing` with node None after the prompt's history is written,
+        # which on 2 busy cores can come well after execution_success: wait for it too (bounded).
+        closing = time.time() + 10
+        while any(c.closed < c.finished for c, _ in plan) and time.time() < closing:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)          # late stragglers would show up as foreign events
         for task in listeners:

@@ -309,3 +309,37 @@ NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
                        (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel,
                         MGSaveNumbered, MGLoadStandIn, MGUseStandIn, MGFault, MGRecord)}
 NODE_DISPLAY_NAME_MAPPINGS = {}
+
+
+# ---- how often the host reads each model file (safetensors.safe_open, which comfy.utils calls) ----
+# Counted where ComfyUI opens the file, below anything comfy-multigpu changes; GET /mg_test/file_reads.
+import collections
+import os
+
+import safetensors
+
+FILE_READS = collections.Counter()
+_FILE_READS_LOCK = threading.Lock()
+_original_safe_open = safetensors.safe_open
+
+
+def _counting_safe_open(filename, *args, **kwargs):
+    with _FILE_READS_LOCK:
+        FILE_READS[os.path.basename(str(filename))] += 1
+    return _original_safe_open(filename, *args, **kwargs)
+
+
+safetensors.safe_open = _counting_safe_open
+
+
+def _add_routes():
+    from aiohttp import web
+    from server import PromptServer
+
+    @PromptServer.instance.routes.get("/mg_test/file_reads")
+    async def file_reads(request):
+        with _FILE_READS_LOCK:
+            return web.json_response(dict(FILE_READS))
+
+
+_add_routes()
