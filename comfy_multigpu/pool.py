@@ -289,6 +289,8 @@ class WorkerPool:
                 self._gc_wanted = False
             gc.collect()
             comfy.model_management.soft_empty_cache()
+            if self.weights is not None:
+                self.weights.evict()          # files whose last view the GC just freed
             release_free_heap()
             last = time.perf_counter()
             self.gc_runs += 1

@@ -61,7 +61,14 @@ def check_gpus(gpus: list, pool) -> list[int]:
 
 
 def load(kind: str, name: str):
-    """A view of the file through the host's own loader (its cache key is the one prompts use)."""
+    """A view of the file through the host's own loader (its cache key is the one prompts use), in
+    inference mode as ComfyUI runs loader nodes."""
+    import torch
+    with torch.inference_mode():
+        return _load(kind, name)
+
+
+def _load(kind: str, name: str):
     import comfy.utils
     import folder_paths
     import nodes

@@ -16,6 +16,7 @@ Host objects touched: none directly (hostpatches/sharing.py calls in here).
 """
 from __future__ import annotations
 
+import collections
 import contextvars
 import copy
 import logging
@@ -166,18 +167,31 @@ def plan_of(template: Any) -> Plan:
     return Plan(modules, tensors, _tokenizers(template))
 
 
+def _inference(plan: Plan) -> bool:
+    for t in plan.tensors:
+        return t.is_inference()
+    for _, sources in plan.modules:
+        for t in sources.values():
+            return t.is_inference()
+    return False
+
+
 def make_view(template: Any, plan: Optional[Plan] = None) -> Any:
     """A copy of `template` that shares every tensor's storage; modules are new skeletons, the
     objects around them (ModelPatcher, CLIP, VAE, ...) deep copies."""
+    import torch
     plan = plan or plan_of(template)
     memo: dict[int, Any] = {}
-    for t in plan.tensors:
-        _aliased(t, memo)
-    for module, _ in plan.modules:
-        _skeleton(module, memo)
-    for obj in plan.tokenizers:
-        memo[id(obj)] = obj
-    view = copy.deepcopy(template, memo)
+    # A template loaded inside a prompt holds inference tensors (ComfyUI runs nodes under
+    # torch.inference_mode); new Parameters over them can only be made in that mode too.
+    with torch.inference_mode(_inference(plan)):
+        for t in plan.tensors:
+            _aliased(t, memo)
+        for module, _ in plan.modules:
+            _skeleton(module, memo)
+        for obj in plan.tokenizers:
+            memo[id(obj)] = obj
+        view = copy.deepcopy(template, memo)
     for module, sources in plan.modules:
         _SHARED_SOURCES[memo[id(module)]] = sources
     return view
@@ -301,6 +315,7 @@ class WeightStore:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self._released: collections.deque = collections.deque()   # (entry, gpu) from finalizers
 
     # -- loading -----------------------------------------------------------------------------
     def get(self, kind: str, path: str, options: Hashable, build: Callable[[], Any]) -> Any:
@@ -391,21 +406,29 @@ class WeightStore:
         return view
 
     def _anchor_gone(self, entry: Entry, gpu: int, remaining: list) -> None:
+        """A weakref finalizer: runs inside garbage collection, in whatever thread allocates, maybe
+        one holding self.lock. So it only records the release (deque.append is atomic); the next
+        store call or housekeeping pass applies it."""
         remaining[0] -= 1
-        if remaining[0] > 0:
-            return
-        with self.lock:
+        if remaining[0] <= 0:
+            self._released.append((entry, gpu))
+
+    def _apply_releases(self) -> None:
+        """Apply recorded releases (self.lock held by the caller)."""
+        while self._released:
+            entry, gpu = self._released.popleft()
             count = entry.users.get(gpu, 0) - 1
             if count > 0:
                 entry.users[gpu] = count
             else:
                 entry.users.pop(gpu, None)
             entry.last_use = time.monotonic()
-        self.evict()
 
     # -- budget ------------------------------------------------------------------------------
     def evict(self) -> list:
+        """Apply releases, then drop what is over budget (also called by the housekeeping pass)."""
         with self.lock:
+            self._apply_releases()
             files = [CachedFile(e.key, e.nbytes, bool(e.users) or e.pending > 0, e.last_use)
                      for e in self.entries.values() if e.ready.is_set() and e.error is None]
             gone = [self.entries.pop(k) for k in choose_evictions(files, self.budget)]
@@ -437,6 +460,7 @@ class WeightStore:
         """For GET /multigpu/models: every file in RAM, its size, users, last use, devices."""
         now = time.monotonic()
         with self.lock:
+            self._apply_releases()
             entries = [e for e in self.entries.values() if e.ready.is_set() and e.error is None]
             files = [{"name": e.name, "type": e.kind, "path": e.path, "bytes": e.nbytes,
                       "users": sorted(g for g in e.users if g != OUTSIDE),

@@ -158,6 +158,9 @@ def test_preload_puts_a_file_in_ram_and_on_a_device(shared4):
     listed = models(shared4)[copy.name]
     assert listed["views_made"] == views, "the prompt must use the view /preload made, not a new one"
     assert listed["preloaded_for"] == [] and 2 in listed["users"]
+    # a file some prompt loaded (its template holds inference tensors) preloads too
+    again = shared4.post("/preload", {"model": wf.CHECKPOINT, "gpus": [3]})
+    assert again["gpus"] == {"3": "on_device"}
 
 
 @pytest.mark.parametrize("body, kind, field", [
