@@ -23,4 +23,7 @@ if _inside_comfyui():
         sys.path.append(_ROOT)
     from comfy_multigpu.activation import activate_from_comfyui
 
-    activate_from_comfyui()
+    if activate_from_comfyui() is not None:
+        # the GPU selector and queue tab for the stock web UI: only when the extension is on
+        WEB_DIRECTORY = "./comfy_multigpu/web/ui"
+        __all__.append("WEB_DIRECTORY")

@@ -13,12 +13,13 @@ from typing import Mapping, Optional
 
 from aiohttp import web
 
-from . import http_api, patching
+from . import dashboard, http_api, patching
 from .admission import Limits
 from .config import ConfigError, Settings, resolve_settings
 from .eviction import parse_ram_budget
 from .journal import Journal
 from .lifecycle import Drain
+from .metrics import Metrics
 from .pool import WorkerPool
 from .weights import WeightStore
 
@@ -112,11 +113,15 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     pool.watchdog_s = settings.watchdog
     journal_text = _open_journal(settings, pool, queue)
     weights_text = _weight_store(settings, pool)
+    pool.metrics = Metrics(pool)
+    if pool.weights is not None:
+        pool.weights.on_load = pool.metrics.file_load
     srv.app.middlewares.append(http_api.make_middleware(queue))
     http_api.add_routes(srv.routes, queue)
     ext = Extension(settings, pool, patchset, version)
     srv.app[EXTENSION_KEY] = ext
     pool.start_hooks.append(lambda _server: _verify_in_place(ext))
+    srv.loop.create_task(dashboard.publisher(pool))
     ext.drain = Drain(pool, srv.loop, settings.drain_timeout)
     ext.drain.install()
 

@@ -26,6 +26,7 @@ class RequestScope:
     placed_gpu: Optional[int] = None
     placed_pool: Optional[str] = None
     placed_number: Optional[float] = None
+    dashboard: bool = False            # GET /ws?multigpu=1: the socket subscribes to multigpu_state
 
 
 current_request: contextvars.ContextVar[Optional[RequestScope]] = contextvars.ContextVar(

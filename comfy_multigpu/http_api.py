@@ -12,10 +12,12 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import admission, errors, preload, routing
+from . import admission, dashboard, errors, preload, routing
 from .context import RequestScope, current_request
 from .errors import ApiError
 from .multiqueue import DuplicatePrompt, MultiQueue
@@ -69,6 +71,7 @@ def _prompt_headers(request: web.Request, pools) -> dict:
 
 # Malformed input the stock handlers would answer with 500 (a TypeError deep in a handler); on the
 # routes whose bodies we check, what still slips through is the client's mistake, answered 400.
+DASHBOARD_HTML = Path(__file__).resolve().parent / "web" / "dashboard.html"
 PRELOAD_WAIT_S = 600.0     # longest POST /preload waits for busy GPUs (then it answers "queued")
 
 CLIENT_FAULTS = (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError)
@@ -102,7 +105,8 @@ def make_middleware(queue: MultiQueue):
             return web.json_response(ex.as_json(), status=400)
         except ApiError as ex:
             return error_response(ex, path)
-        scope = RequestScope(target=target, headers=headers)
+        scope = RequestScope(target=target, headers=headers,
+                             dashboard=path == "/ws" and request.rel_url.query.get("multigpu") == "1")
         token = current_request.set(scope)
         try:
             own = own_handlers.get((method, path))
@@ -165,6 +169,26 @@ def add_routes(routes: web.RouteTableDef, queue: MultiQueue) -> None:
         ready = any(g["ready"] for g in gpus)
         return web.json_response({"ready": ready, "draining": pool.draining, "gpus": gpus},
                                  status=200 if ready else 503)
+
+    @routes.get("/metrics")
+    async def get_metrics(request: web.Request) -> web.Response:
+        """Prometheus text format (docs/monitoring.md lists every series)."""
+        body = await asyncio.to_thread(pool.metrics.render)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @routes.get("/multigpu/state")
+    async def get_state(request: web.Request) -> web.Response:
+        """The dashboard's per-GPU cards as JSON (the same object `multigpu_state` pushes carry)."""
+        return web.json_response(dashboard.snapshot(pool))
+
+    @routes.get("/multigpu")
+    async def get_dashboard_redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/multigpu/")
+
+    @routes.get("/multigpu/")
+    async def get_dashboard(request: web.Request) -> web.Response:
+        """The live dashboard: a card per GPU, updated over the WebSocket."""
+        return web.FileResponse(DASHBOARD_HTML, headers={"Cache-Control": "no-cache"})
 
     @routes.get("/multigpu/models")
     async def get_models(request: web.Request) -> web.Response:

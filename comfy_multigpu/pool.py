@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from . import placement
 from .admission import Limits
+from .dashboard import Board
 from .heap import release_free_heap
 from .weights import PinCounts
 from .worker import GpuWorker
@@ -89,6 +90,8 @@ class WorkerPool:
         self.mean_run_s = 0.0                      # moving average of prompt run time (Retry-After)
         # shared model weights (set by activation; None = every worker loads its own copy)
         self.weights = None                        # weights.WeightStore
+        self.metrics = None                        # metrics.Metrics (GET /metrics)
+        self.board = Board()                       # dashboard: live progress, subscribers
         self.pin_counts = PinCounts()
 
     def __len__(self) -> int:

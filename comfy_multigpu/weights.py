@@ -316,6 +316,7 @@ class WeightStore:
         self.misses = 0
         self.evictions = 0
         self._released: collections.deque = collections.deque()   # (entry, gpu) from finalizers
+        self.on_load: Optional[Callable[[str, float], None]] = None  # (kind, seconds) per disk load
 
     # -- loading -----------------------------------------------------------------------------
     def get(self, kind: str, path: str, options: Hashable, build: Callable[[], Any]) -> Any:
@@ -366,6 +367,8 @@ class WeightStore:
             for ptr in storages:
                 self._shared_ptrs[ptr] = entry.key
         entry.ready.set()
+        if self.on_load is not None:
+            self.on_load(entry.kind, entry.load_seconds)
         logger.info("comfy-multigpu: %s %s loaded once into the shared RAM cache (%.1f MiB, %.2f s)",
                     entry.kind, entry.name, entry.nbytes / 2 ** 20, entry.load_seconds)
         self.evict()

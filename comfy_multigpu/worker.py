@@ -191,6 +191,9 @@ class GpuWorker:
                                                           messages=[("execution_error", message)])
             self.pool.release_save_keys(self)
             self.pool.task_done(self, item_id, {"outputs": {}, "meta": {}}, status)
+            since = self.running_since
+            run_s = max(0.0, time.monotonic() - since) if since else 0.0
+            self.report(item[1], status, run_s, item[3], time.time() - run_s)
             client = item[3].get("client_id") if isinstance(item[3], dict) else None
             if client is not None:
                 server.send_sync("execution_error", message, client)
@@ -203,7 +206,7 @@ class GpuWorker:
         extra_data = item[3].copy()
         extra_data.update(item[5])       # sensitive extra data, merged as main.py does
         self.pool.prompt_started(self)
-        started = time.perf_counter()
+        started, started_wall = time.perf_counter(), time.time()
         executor.history_result = {"outputs": {}, "meta": {}}
         try:
             executor.execute(item[2], prompt_id, extra_data, item[4])
@@ -224,9 +227,20 @@ class GpuWorker:
         self.pool.task_done(self, item_id, executor.history_result, status, elapsed)
         if server.client_id is not None:
             server.send_sync("executing", {"node": None, "prompt_id": prompt_id}, server.client_id)
-        self.log.info("Prompt %s executed in %.2f seconds (%s)", prompt_id, elapsed,
-                      "success" if success else "error")
+        self.report(prompt_id, status, elapsed, item[3], started_wall)
         self.pool.prompt_finished(self, executor.history_result, prompt_id)
+
+    def report(self, prompt_id: str, status, run_s: float, extra_data, started_wall: float) -> None:
+        """One greppable line per prompt (the seeds' per-GPU metric lines) and the Prometheus figures."""
+        from .metrics import outcome_of
+        outcome = outcome_of(status.status_str, status.messages)
+        created = extra_data.get("create_time") if isinstance(extra_data, dict) else None
+        wait_s = max(0.0, started_wall - created / 1000) if isinstance(created, (int, float)) else None
+        self.log.info("prompt_done gpu=%d prompt_id=%s outcome=%s queue_wait_s=%s run_s=%.3f", self.gpu_id,
+                      prompt_id, outcome, "na" if wait_s is None else f"{wait_s:.3f}", run_s)
+        if self.pool.metrics is not None:
+            self.pool.metrics.prompt_finished(self.gpu_id, outcome, run_s, wait_s)
+        self.pool.board.note_finished(self.gpu_id)
 
     def _apply_flags(self, executor, flags: dict) -> None:
         """/free for this worker: unload this device's models and/or reset this executor's caches."""

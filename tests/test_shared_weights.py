@@ -125,6 +125,12 @@ def test_lora_on_one_worker_never_reaches_the_other(shared4, stock):
         expected[lora] = pixels(stock, stock.wait(pid, timeout=300)[pid])
     assert expected[0.0] != expected[1.0], "the LoRA must change the image for this test to mean anything"
     for round_ in range(3):
+        # every round computes from scratch: each worker's node cache reset, the views come anew
+        resets = shared4.log().count("Reset node caches (/free)")
+        shared4.post("/free", {"free_memory": True})
+        deadline = time.time() + 30
+        while shared4.log().count("Reset node caches (/free)") < resets + 4 and time.time() < deadline:
+            time.sleep(0.05)
         plain = shared4.submit(wf.txt2img(11, prefix=f"plain{round_}", steps=12), gpu=0)["prompt_id"]
         lora = shared4.submit(wf.txt2img(11, prefix=f"lora{round_}", steps=12, lora=1.0), gpu=1)["prompt_id"]
         done = shared4.wait([plain, lora], timeout=300)

@@ -8,6 +8,7 @@ unloads that worker's device only.
 from __future__ import annotations
 
 import functools
+import time
 
 from ..context import current_worker
 from .per_worker import per_worker
@@ -19,13 +20,19 @@ def make_load_models_gpu(original, pool):
     @functools.wraps(original)
     def load_models_gpu(models, *args, **kwargs):
         with pool.model_lock:
+            before = {id(loaded.model) for loaded in mm.current_loaded_models}
+            started = time.perf_counter()
             result = original(models, *args, **kwargs)
+            elapsed = time.perf_counter() - started
             worker = current_worker.get()
             if worker is not None:
                 wanted = {id(m) for m in models}
                 for loaded in mm.current_loaded_models:
                     if id(loaded.model) in wanted:
                         worker.note_loaded(loaded)
+                new = sum(1 for m in models if id(m) not in before)
+                if new and pool.metrics is not None:
+                    pool.metrics.device_load(worker.gpu_id, elapsed, new)
             return result
     return load_models_gpu
 

@@ -5,7 +5,7 @@ Host objects touched: server.PromptServer.instance (client_id, last_node_id, las
 """
 from __future__ import annotations
 
-from ..context import current_worker, request_target
+from ..context import current_request, current_worker, request_target
 
 
 class WorkerAttribute:
@@ -51,6 +51,9 @@ def make_server_class(original_cls, pool):
                 else:
                     pool.socket_targets[sid] = target
             await original_cls.send(self, event, data, sid)
+            if connecting and getattr(current_request.get(), "dashboard", False):
+                pool.board.subscribers.add(sid)          # /ws?multigpu=1: live per-GPU state
+                pool.board.touch()
             if connecting:
                 # Stock resends the current node to a client reconnecting mid-prompt (server.py:289);
                 # its check reads the process-wide client_id, so look in every worker instead.
@@ -59,7 +62,14 @@ def make_server_class(original_cls, pool):
                     if worker.attrs.get("client_id") == sid and node is not None:
                         await original_cls.send(self, "executing", {"node": node}, sid)
 
+        def send_sync(self, event, data, sid=None):
+            worker = current_worker.get()
+            if worker is not None and event in ("progress", "executing"):
+                pool.board.note_event(worker.gpu_id, event, data)    # the dashboard's live progress
+            original_cls.send_sync(self, event, data, sid)
+
         def queue_updated(self):
+            pool.board.touch()
             queue = self.prompt_queue
             total = {"exec_info": {"queue_remaining": sum(queue.tasks_remaining_of(w.gpu_id)
                                                           for w in pool.workers)}}

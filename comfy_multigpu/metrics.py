@@ -1,0 +1,148 @@
+"""Prometheus metrics for GET /metrics (prometheus-client, a registry of our own).
+
+Events (prompt finished, device load) are counted as they happen; state (queues, workers, RAM cache,
+device memory) is read from the pool when Prometheus scrapes, so nothing is kept twice.
+Host objects touched: torch.cuda.mem_get_info for CUDA workers' memory (at scrape time).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .pool import WorkerPool
+
+logger = logging.getLogger("comfy_multigpu")
+
+PREFIX = "comfy_multigpu"
+OUTCOMES = ("success", "error", "interrupted")
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+def outcome_of(status_str: str, messages) -> str:
+    """success | interrupted | error, from a prompt's history status."""
+    if status_str == "success":
+        return "success"
+    if any(m and m[0] == "execution_interrupted" for m in messages or ()):
+        return "interrupted"
+    return "error"
+
+
+class PoolCollector:
+    """Gauges read from the pool at scrape time."""
+
+    def __init__(self, pool: "WorkerPool"):
+        self.pool = pool
+
+    def collect(self):
+        pool = self.pool
+        depth = GaugeMetricFamily(f"{PREFIX}_queue_pending", "prompts waiting for a GPU", labels=["gpu"])
+        running = GaugeMetricFamily(f"{PREFIX}_running", "prompts running on a GPU", labels=["gpu"])
+        up = GaugeMetricFamily(f"{PREFIX}_worker_up", "1 while the GPU's worker thread runs", labels=["gpu"])
+        healthy = GaugeMetricFamily(f"{PREFIX}_worker_healthy", "0 while the watchdog holds the GPU out",
+                                    labels=["gpu"])
+        restarts = CounterMetricFamily(f"{PREFIX}_worker_restarts", "times a worker loop died and restarted",
+                                       labels=["gpu"])
+        with pool.mutex:
+            rows = [(str(w.gpu_id), len(w.pending), len(w.running), not w.down, not w.unhealthy, w.restarts,
+                     w.device) for w in pool.workers]
+        for gpu, pending, run, is_up, is_healthy, restart_count, _ in rows:
+            depth.add_metric([gpu], pending)
+            running.add_metric([gpu], run)
+            up.add_metric([gpu], 1 if is_up else 0)
+            healthy.add_metric([gpu], 1 if is_healthy else 0)
+            restarts.add_metric([gpu], restart_count)
+        yield from (depth, running, up, healthy, restarts)
+        yield from self._device_memory(rows)
+        yield from self._ram_cache()
+
+    def _device_memory(self, rows):
+        used = GaugeMetricFamily(f"{PREFIX}_device_memory_used_bytes", "device memory in use (CUDA devices)",
+                                 labels=["gpu", "device"])
+        total = GaugeMetricFamily(f"{PREFIX}_device_memory_total_bytes", "device memory (CUDA devices)",
+                                  labels=["gpu", "device"])
+        for gpu, *_, device in rows:
+            if getattr(device, "type", "cpu") != "cuda":
+                continue          # CPU workers share the host's RAM: see process_resident_memory_bytes
+            try:
+                import torch
+                free, size = torch.cuda.mem_get_info(device)
+            except Exception:
+                continue
+            used.add_metric([gpu, str(device)], size - free)
+            total.add_metric([gpu, str(device)], size)
+        yield from (used, total)
+
+    def _ram_cache(self):
+        store = self.pool.weights
+        if store is None:
+            return
+        with store.lock:
+            entries = [e for e in store.entries.values() if e.ready.is_set() and e.error is None]
+            nbytes = sum(e.nbytes for e in entries)
+            hits, misses, evictions = store.hits, store.misses, store.evictions
+        g = GaugeMetricFamily(f"{PREFIX}_ram_cache_bytes", "model weights held in the shared RAM cache")
+        g.add_metric([], nbytes)
+        yield g
+        g = GaugeMetricFamily(f"{PREFIX}_ram_cache_budget_bytes", "COMFY_MULTIGPU_RAM_CACHE")
+        g.add_metric([], store.budget)
+        yield g
+        g = GaugeMetricFamily(f"{PREFIX}_ram_cache_files", "model files in the shared RAM cache")
+        g.add_metric([], len(entries))
+        yield g
+        for name, value, text in (("hits", hits, "loader calls served from the RAM cache"),
+                                  ("misses", misses, "loader calls that read the file"),
+                                  ("evictions", evictions, "files dropped from the RAM cache")):
+            c = CounterMetricFamily(f"{PREFIX}_ram_cache_{name}", text)
+            c.add_metric([], value)
+            yield c
+
+
+class Metrics:
+    """One per extension: the registry behind GET /metrics."""
+
+    def __init__(self, pool: "WorkerPool"):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.finished = Counter(f"{PREFIX}_prompts_finished", "prompts finished, by GPU and outcome",
+                                ["gpu", "outcome"], registry=self.registry)
+        self.duration = Histogram(f"{PREFIX}_prompt_duration_seconds", "prompt run time", ["gpu"],
+                                  buckets=DURATION_BUCKETS, registry=self.registry)
+        self.wait = Histogram(f"{PREFIX}_prompt_queue_wait_seconds", "time from POST /prompt to its start",
+                              ["gpu"], buckets=WAIT_BUCKETS, registry=self.registry)
+        self.loads = Counter(f"{PREFIX}_model_loads", "models loaded onto a GPU's device (load_models_gpu calls "
+                             "that moved weights)", ["gpu"], registry=self.registry)
+        self.load_seconds = Counter(f"{PREFIX}_model_load_seconds", "time spent loading models onto a device",
+                                    ["gpu"], registry=self.registry)
+        self.file_loads = Counter(f"{PREFIX}_model_file_loads", "model files read from disk into the RAM cache",
+                                  ["type"], registry=self.registry)
+        self.file_load_seconds = Counter(f"{PREFIX}_model_file_load_seconds", "time spent reading model files",
+                                         ["type"], registry=self.registry)
+        for w in pool.workers:                # every GPU's series exist from the start (at 0)
+            for outcome in OUTCOMES:
+                self.finished.labels(str(w.gpu_id), outcome)
+            self.loads.labels(str(w.gpu_id))
+            self.load_seconds.labels(str(w.gpu_id))
+        self.registry.register(PoolCollector(pool))
+        from prometheus_client import ProcessCollector
+        ProcessCollector(registry=self.registry)
+
+    def prompt_finished(self, gpu: int, outcome: str, run_s: float, wait_s) -> None:
+        self.finished.labels(str(gpu), outcome).inc()
+        self.duration.labels(str(gpu)).observe(run_s)
+        if wait_s is not None:
+            self.wait.labels(str(gpu)).observe(wait_s)
+
+    def device_load(self, gpu: int, seconds: float, count: int = 1) -> None:
+        self.loads.labels(str(gpu)).inc(count)
+        self.load_seconds.labels(str(gpu)).inc(seconds)
+
+    def file_load(self, kind: str, seconds: float) -> None:
+        self.file_loads.labels(kind).inc()
+        self.file_load_seconds.labels(kind).inc(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
