@@ -145,8 +145,17 @@ def test_the_dashboard_updates_live_and_fits_a_phone(ui2, browser, shots):
             context.close()
 
 
-def test_with_the_extension_off_the_ui_gets_nothing(stock, browser):
-    context, page = open_ui(browser, stock)
+@pytest.fixture(scope="module")
+def ui_stock(servers):
+    """Stock ComfyUI of its own: the UI writes settings into its user directory, which the session's
+    `stock` server must not get (test_compat compares its /userdata listing)."""
+    server = servers.start("ui-stock", workers=None, env={"COMFY_MULTI_GPU_SCHED": "0"})
+    yield server
+    server.stop()
+
+
+def test_with_the_extension_off_the_ui_gets_nothing(ui_stock, browser):
+    context, page = open_ui(browser, ui_stock)
     try:
         page.wait_for_timeout(2000)
         assert page.locator(f'button[aria-label="{TOOLTIP}"]').count() == 0
