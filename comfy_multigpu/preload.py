@@ -21,6 +21,9 @@ logger = logging.getLogger("comfy_multigpu")
 
 FOLDERS = {"checkpoint": "checkpoints", "unet": "diffusion_models", "clip": "text_encoders",
            "vae": "vae", "lora": "loras", "controlnet": "controlnet"}
+# the loader input a prompt names the file with (placement.prompt_models keys)
+PLACEMENT_KEYS = {"checkpoint": "ckpt_name", "unet": "unet_name", "clip": "clip_name", "vae": "vae_name",
+                  "lora": "lora_name", "controlnet": "control_net_name"}
 LIST_LIMIT = 50          # names shown in an "unknown file" error
 
 
@@ -106,6 +109,8 @@ def run_on_worker(worker, request: Request) -> None:
         patchers = device_patchers(view)
         if patchers:
             comfy.model_management.load_models_gpu(patchers)
+        if patchers:          # placement's model affinity: this GPU now has it, like after a prompt
+            worker.remember_models([f"{PLACEMENT_KEYS[request.kind]}:{request.name}"])
         worker.log.info("Preloaded %s %s onto %s", request.kind, request.name, worker.label)
         request.done.set_result("on_device" if patchers else "in_ram")
     except Exception as ex:

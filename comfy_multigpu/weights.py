@@ -32,7 +32,6 @@ from .eviction import CachedFile, choose_evictions
 
 logger = logging.getLogger("comfy_multigpu")
 
-KINDS = ("checkpoint", "unet", "clip", "vae", "lora", "controlnet")
 OUTSIDE = -1     # "user" id for views made outside any worker thread
 
 # Set by /preload in a worker: the view made is kept for that worker's next prompt (see Entry.held).

@@ -156,6 +156,8 @@ def test_preload_puts_a_file_in_ram_and_on_a_device(shared4):
         assert opens.poll() == 1
         listed = models(shared4)[copy.name]
         assert listed["devices"] == [2] and listed["preloaded_for"] == [2] and listed["loads"] == 1
+        gpu2 = shared4.get("/queue/all", counts=1)["queues"][2]      # placement's affinity knows it too
+        assert f"ckpt_name:{copy.name}" in gpu2["models"]
         views = listed["views_made"]
         pid = shared4.submit(wf.txt2img(5, prefix="preloaded", ckpt=copy.name), gpu=2)["prompt_id"]
         entry = shared4.wait(pid, timeout=300)[pid]
