@@ -1,4 +1,5 @@
-"""Hostile input on every route the extension owns or changes: 10,000 generated bodies, header values
+"""Hostile input on every route the extension owns or changes (also /preload, /multigpu/models,
+/metrics, /multigpu/state): 10,000 generated bodies, header values
 and queries (hypothesis) sent by 8 concurrent clients to a real server. No answer is 5xx, none carries a
 traceback, every refusal of ours is a JSON error naming its type; afterwards every worker is alive and
 a canary prompt per GPU still completes."""
@@ -16,7 +17,9 @@ from helpers import workflows as wf
 TOTAL, CLIENTS = 10_000, 8
 ROUTES = [("POST", "/prompt"), ("POST", "/api/prompt"), ("POST", "/queue"), ("GET", "/queue"),
           ("GET", "/queue/all"), ("POST", "/interrupt"), ("POST", "/free"), ("POST", "/history"),
-          ("GET", "/prompt"), ("GET", "/multigpu/ready"), ("GET", "/api/queue/all")]
+          ("GET", "/prompt"), ("GET", "/multigpu/ready"), ("GET", "/api/queue/all"),
+          ("POST", "/preload"), ("POST", "/api/preload"), ("GET", "/multigpu/models"), ("GET", "/metrics"),
+          ("GET", "/multigpu/state")]
 
 printable = st.text(alphabet=string.printable.replace("\r", "").replace("\n", "").replace("\x0b", "")
                     .replace("\x0c", ""), max_size=30)
@@ -36,13 +39,17 @@ prompt_body = st.fixed_dictionaries({}, optional={
 other_body = st.fixed_dictionaries({}, optional={
     "clear": json_values, "delete": st.lists(st.text(max_size=10), max_size=3) | json_values,
     "prompt_id": json_values, "unload_models": json_values, "free_memory": json_values})
+preload_body = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["tiny-sd15.safetensors", "tiny-sd15-lora.safetensors", "nope", "", "../x"]) | json_values,
+    "type": st.sampled_from(["checkpoint", "lora", "unet", "vae", "clip", "controlnet", "x"]) | json_values,
+    "gpus": st.lists(st.integers(-3, 5), max_size=3) | json_values, "wait": json_values})
 raw_body = st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
 header = st.sampled_from(["0", "1", "auto", "", "9", "-1", "1.0", "fast", "slow", "high", "LOW", "vip"]) | printable
 requests = st.tuples(
     st.sampled_from(ROUTES),
     st.fixed_dictionaries({}, optional={"X-TARGET-GPU": header, "X-GPU-POOL": header, "X-PRIORITY": header}),
     st.one_of(prompt_body.map(lambda b: json.dumps(b).encode()), other_body.map(lambda b: json.dumps(b).encode()),
-              raw_body),
+              preload_body.map(lambda b: json.dumps(b).encode()), raw_body),
     st.none() | st.sampled_from(["1", "0", "true", "x", "%00"]))
 
 
