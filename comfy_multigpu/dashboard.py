@@ -82,7 +82,7 @@ def card_state(up: bool, healthy: bool, running: int, pending: int, cap: int) ->
 
 def snapshot(pool: "WorkerPool") -> dict:
     board = pool.board
-    cap = pool.limits.per_gpu if pool.limits is not None else 0
+    cap = pool.limits.per_gpu
     with pool.mutex:
         rows = []
         for w in pool.workers:
@@ -99,7 +99,7 @@ def snapshot(pool: "WorkerPool") -> dict:
                       "state": card_state(up, healthy, len(running), pending, cap),
                       "running": running[0] if running else None,
                       "progress": progress,
-                      "pending": pending, "models": models[-4:], "memory": _memory(w),
+                      "pending": pending, "models": models[-4:], "memory": _memory(w.device_memory()),
                       "per_minute": round(board.per_minute(w.gpu_id), 2), "restarts": w.restarts})
     return {"gpus": cards, "pools": {k: list(v) for k, v in pool.pools.items()},
             "totals": {"running": sum(1 for c in cards if c["running"]), "pending": sum(c["pending"] for c in cards),
@@ -108,15 +108,8 @@ def snapshot(pool: "WorkerPool") -> dict:
             "draining": pool.draining, "time": time.time()}
 
 
-def _memory(worker) -> dict | None:
-    if getattr(worker.device, "type", "cpu") != "cuda":
-        return None
-    try:
-        import torch
-        free, total = torch.cuda.mem_get_info(worker.device)
-    except Exception:
-        return None
-    return {"used": total - free, "total": total}
+def _memory(reading) -> dict | None:
+    return None if reading is None else {"used": reading[0], "total": reading[1]}
 
 
 async def publisher(pool: "WorkerPool") -> None:

@@ -2,7 +2,7 @@
 
 Events (prompt finished, device load) are counted as they happen; state (queues, workers, RAM cache,
 device memory) is read from the pool when Prometheus scrapes, so nothing is kept twice.
-Host objects touched: torch.cuda.mem_get_info for CUDA workers' memory (at scrape time).
+Host objects touched: none directly (CUDA memory is read through GpuWorker.device_memory at scrape time).
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class PoolCollector:
         restarts = CounterMetricFamily(f"{PREFIX}_worker_restarts", "times a worker loop died and restarted",
                                        labels=["gpu"])
         with pool.mutex:
-            rows = [(str(w.gpu_id), len(w.pending), len(w.running), not w.down, not w.unhealthy, w.restarts,
-                     w.device) for w in pool.workers]
+            rows = [(str(w.gpu_id), len(w.pending), len(w.running), not w.down, not w.unhealthy, w.restarts, w)
+                    for w in pool.workers]
         for gpu, pending, run, is_up, is_healthy, restart_count, _ in rows:
             depth.add_metric([gpu], pending)
             running.add_metric([gpu], run)
@@ -65,16 +65,11 @@ class PoolCollector:
                                  labels=["gpu", "device"])
         total = GaugeMetricFamily(f"{PREFIX}_device_memory_total_bytes", "device memory (CUDA devices)",
                                   labels=["gpu", "device"])
-        for gpu, *_, device in rows:
-            if getattr(device, "type", "cpu") != "cuda":
-                continue          # CPU workers share the host's RAM: see process_resident_memory_bytes
-            try:
-                import torch
-                free, size = torch.cuda.mem_get_info(device)
-            except Exception:
-                continue
-            used.add_metric([gpu, str(device)], size - free)
-            total.add_metric([gpu, str(device)], size)
+        for gpu, *_, worker in rows:
+            reading = worker.device_memory()   # None on CPU workers: see process_resident_memory_bytes
+            if reading is not None:
+                used.add_metric([gpu, worker.label], reading[0])
+                total.add_metric([gpu, worker.label], reading[1])
         yield from (used, total)
 
     def _ram_cache(self):

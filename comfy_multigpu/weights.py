@@ -92,16 +92,7 @@ def _alias(t):
 
 def shared_storages(template: Any) -> dict[int, int]:
     """data_ptr -> bytes of every CPU storage in a template (each counted once)."""
-    out = {}
-    for kind, obj in _modules_and_tensors(template):
-        tensors = (t for _, t in _module_tensors(obj)) if kind == "module" else (obj,)
-        for t in tensors:
-            if t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr():
-                out[storage.data_ptr()] = storage.nbytes()
-    return out
+    return plan_of(template).storages()
 
 
 def _tokenizers(template: Any) -> list:
@@ -154,6 +145,18 @@ class Plan:
     modules: list            # (module, {name: tensor})
     tensors: list            # loose tensors (state dicts)
     tokenizers: list
+
+    def storages(self) -> dict[int, int]:
+        """data_ptr -> bytes of every CPU storage the template's tensors use (each counted once)."""
+        out = {}
+        tensors = [t for _, sources in self.modules for t in sources.values()] + self.tensors
+        for t in tensors:
+            if t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr():
+                out[storage.data_ptr()] = storage.nbytes()
+        return out
 
 
 def plan_of(template: Any) -> Plan:
@@ -354,8 +357,8 @@ class WeightStore:
             entry.error = ex
             entry.ready.set()
             raise
-        storages = shared_storages(template)
         plan = plan_of(template)
+        storages = plan.storages()
         with self.lock:
             entry.template = template
             entry.plan = plan

@@ -106,6 +106,18 @@ class GpuWorker:
             self.log.warning("Could not read free memory of %s", self.label, exc_info=True)
             self.free_memory = 0
 
+    def device_memory(self) -> Optional[tuple[int, int]]:
+        """(used, total) bytes of a CUDA device now (dashboard, /metrics); None on CPU workers,
+        which share the host's RAM, or when the device does not answer."""
+        if getattr(self.device, "type", "cpu") != "cuda":
+            return None
+        try:
+            import torch
+            free, total = torch.cuda.mem_get_info(self.device)
+        except Exception:
+            return None
+        return total - free, total
+
     # ---- models this worker loaded ------------------------------------------------------------
     def note_loaded(self, loaded_model) -> None:
         self._loaded[id(loaded_model)] = weakref.ref(loaded_model)
@@ -243,7 +255,8 @@ class GpuWorker:
         self.pool.board.note_finished(self.gpu_id)
 
     def _apply_flags(self, executor, flags: dict) -> None:
-        """/free for this worker: unload this device's models and/or reset this executor's caches."""
+        """Between prompts: /free for this worker (unload this device's models and/or reset this
+        executor's caches) and /preload onto this device."""
         import comfy.model_management
         free_memory = flags.get("free_memory", False)
         if flags.get("unload_models", free_memory):

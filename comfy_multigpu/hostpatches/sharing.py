@@ -12,6 +12,7 @@ With the sharing off (COMFY_MULTIGPU_RAM_CACHE=off, pool.weights None) every wra
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 
@@ -20,74 +21,64 @@ from .. import weights
 logger = logging.getLogger("comfy_multigpu")
 
 
-def _options(args: tuple, kwargs: dict) -> str:
-    """The loader's other arguments, as part of the cache key (the same file with other options
-    builds another model)."""
-    return repr((args, sorted(kwargs.items())))
+def _shared_loader(kind: str, original, pool, key_of):
+    """Wrap a loader so that it hands out views of one template per file and options.
 
+    The call's arguments are bound to the loader's signature (defaults applied), so a file asked
+    for positionally or by keyword is one cache entry. key_of(arguments) -> (path, extra) names the
+    file and anything else the key needs beyond the arguments, or (None, None) when this call is
+    not shared (the host then runs it as stock, raising its own errors)."""
+    signature = inspect.signature(original)
 
-def _shared_loader(kind: str, original, pool, path_of, shareable=lambda args, kwargs: True):
     @functools.wraps(original)
     def loader(*args, **kwargs):
         store = pool.weights
-        if store is None or not shareable(args, kwargs):
+        if store is None:
             return original(*args, **kwargs)
-        path, rest_args, rest_kwargs = path_of(args, kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
+        path, extra = key_of(arguments)
         if not isinstance(path, str) or not os.path.isfile(path):
-            return original(*args, **kwargs)       # let the host raise its own error
-        return store.get(kind, path, _options(rest_args, rest_kwargs), lambda: original(*args, **kwargs))
+            return original(*args, **kwargs)
+        options = repr((sorted(arguments.items()), extra))
+        return store.get(kind, path, options, lambda: original(*args, **kwargs))
     return loader
 
 
-def _first(name: str):
-    def path_of(args, kwargs):
-        if args:
-            return args[0], args[1:], kwargs
-        rest = dict(kwargs)
-        return rest.pop(name, None), (), rest
-    return path_of
+def _argument(name: str):
+    return lambda arguments: (arguments.get(name), None)
 
 
 def make_checkpoint_loader(original, pool):
-    return _shared_loader("checkpoint", original, pool, _first("ckpt_path"))
+    return _shared_loader("checkpoint", original, pool, _argument("ckpt_path"))
 
 
 def make_unet_loader(original, pool):
-    return _shared_loader("unet", original, pool, _first("unet_path"))
+    return _shared_loader("unet", original, pool, _argument("unet_path"))
 
 
 def make_clip_loader(original, pool):
-    def path_of(args, kwargs):
-        paths, rest_args, rest = _first("ckpt_paths")(args, kwargs)
-        paths = list(paths or ())
-        # several files make one text encoder: the first names it, the rest are part of the key
-        return (paths[0] if paths else None), ([weights.file_identity(p) for p in paths[1:]], rest_args), rest
-    return _shared_loader("clip", original, pool, path_of)
+    def key_of(arguments):
+        paths = list(arguments.get("ckpt_paths") or ())
+        # several files make one text encoder: the first names it, the others' contents are in the key
+        return (paths[0] if paths else None), [weights.file_identity(p) for p in paths[1:]]
+    return _shared_loader("clip", original, pool, key_of)
 
 
 def make_controlnet_loader(original, pool):
-    def shareable(args, kwargs):      # a ControlNet built against a given model depends on that object
-        model = args[1] if len(args) > 1 else kwargs.get("model")
-        return model is None
-    return _shared_loader("controlnet", original, pool, _first("ckpt_path"), shareable)
+    def key_of(arguments):      # a ControlNet built against a given model depends on that object
+        return (arguments.get("ckpt_path"), None) if arguments.get("model") is None else (None, None)
+    return _shared_loader("controlnet", original, pool, key_of)
 
 
 def make_vae_loader(original, pool):
-    """nodes.VAELoader.load_vae(self, vae_name): the VAE file (or the TAESD pair) by name."""
-    def path_of(args, kwargs):
-        name = args[1] if len(args) > 1 else kwargs.get("vae_name")
-        return _vae_path(name), (name,), {}
-
-    def shareable(args, kwargs):
-        name = args[1] if len(args) > 1 else kwargs.get("vae_name")
-        return isinstance(name, str) and _vae_path(name) is not None
-
-    wrapped = _shared_loader("vae", original, pool, path_of, shareable)
-
-    @functools.wraps(original)
-    def load_vae(self, vae_name):
-        return wrapped(self, vae_name)
-    return load_vae
+    """nodes.VAELoader.load_vae(self, vae_name): the VAE file by name (pixel_space and the TAESD
+    pairs, built from several small files, are not shared)."""
+    return _shared_loader("vae", original, pool, lambda arguments: (_vae_path(arguments.get("vae_name")), None))
 
 
 def _vae_path(name):
@@ -101,19 +92,17 @@ def _vae_path(name):
             path = None
         if path and os.path.isfile(path):
             return path
-    return None          # pixel_space and the TAESD pairs: small, built from several files
+    return None
 
 
 def make_lora_file_loader(original, pool):
     """comfy.utils.load_torch_file: files under a `loras` folder are shared read-only state dicts."""
-    @functools.wraps(original)
-    def load_torch_file(ckpt, safe_load=False, device=None, return_metadata=False):
-        store = pool.weights
-        if store is None or not _is_lora(ckpt) or not os.path.isfile(ckpt) or not (device is None or _is_cpu(device)):
-            return original(ckpt, safe_load=safe_load, device=device, return_metadata=return_metadata)
-        return store.get("lora", ckpt, repr((safe_load, return_metadata)),
-                         lambda: original(ckpt, safe_load=safe_load, device=device, return_metadata=return_metadata))
-    return load_torch_file
+    def key_of(arguments):
+        path, device = arguments.get("ckpt"), arguments.get("device")
+        if _is_lora(path) and (device is None or _is_cpu(device)):
+            return path, None
+        return None, None
+    return _shared_loader("lora", original, pool, key_of)
 
 
 def _is_lora(path) -> bool:
