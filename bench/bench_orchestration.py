@@ -2,7 +2,8 @@
 
 1. Throughput on a GIL-releasing node (MGSleep: sleeps in 10 ms slices, reports progress): stock
    ComfyUI vs comfy-multigpu with 1, 2 and 4 workers vs 4 stock processes fed round-robin.
-2. POST /prompt and GET /queue/all latency (p50/p99) with 1,000 prompts pending, vs stock GET /queue.
+2. POST /prompt and GET /queue/all latency (p50/p99) with 1,000 prompts pending, vs stock GET /queue;
+   then the worker time each of those 1,000 queued no-op prompts costs (stock, 1 and 4 workers).
 
     scripts/run_bench.sh bench/bench_orchestration.py [--prompts 40] [--seconds 0.5] [--write]
 
@@ -49,18 +50,23 @@ def latency(server, workers: int | None, pending: int = 1000):
                 for g in range(workers or 1)]
     for pid in blockers:
         server.wait_running(pid)
-    post = []
+    post, ids = [], []
     for i in range(pending):
         t = time.perf_counter()
-        server.submit(wf.sleep(0.01, i))
+        ids.append(server.submit(wf.sleep(0.0, i))["prompt_id"])
         post.append(time.perf_counter() - t)
     out = {"post": percentiles(post), "queue": timed(lambda: server.get("/queue"), 50)}
     if workers is not None:
         out["all_counts"] = timed(lambda: server.get("/queue/all", counts=1), 200)
         out["all_full"] = timed(lambda: server.get("/queue/all"), 50)
-    server.post("/queue", {"clear": True})
     for pid in blockers:
         server.post("/interrupt", {"prompt_id": pid})
+    history = server.wait(ids, timeout=600)
+    # Draining the long queue of no-op prompts, from the first start to the last end: the fixed cost of
+    # a prompt (queue mechanics, ComfyUI's executor, history, bookkeeping), all of it Python under one
+    # GIL, so more workers do not run it faster.
+    span = max(wf.ui(history[p], "1", "t1") for p in ids) - min(wf.ui(history[p], "1", "t0") for p in ids)
+    out["drain"] = len(ids) / span
     wait_idle([server])
     return out
 
@@ -87,8 +93,8 @@ def main() -> None:
             server = start(f"multi{n}", base, workers=n, env={"COMFY_MULTI_GPU_SCHED": "1"})
             started.append(server)
             results[f"multi{n}"] = throughput([server], opts.prompts, opts.seconds)
-            if n == 4:
-                lat["multi4"] = latency(server, 4)
+            if n in (1, 4):
+                lat[f"multi{n}"] = latency(server, n)
             server.stop()
         procs = [start(f"proc{i}", base, workers=None, env={"COMFY_MULTI_GPU_SCHED": "0"}) for i in range(4)]
         started += procs
@@ -125,6 +131,13 @@ def report(results, lat, opts) -> str:
     for label, key in (("POST /prompt", "post"), ("GET /queue (everything)", "queue"),
                        ("GET /queue/all?counts=1", "all_counts"), ("GET /queue/all (full)", "all_full")):
         lines.append(f"| {label} | {cell('stock', key)} | {cell('multi4', key)} |")
+    lines += ["", "Then the 1,000 queued no-op prompts (`MGSleep(0)`) run, first start to last end: the fixed cost of a "
+              "prompt (queue mechanics, ComfyUI's executor, history, bookkeeping), Python under one GIL:", "",
+              "| setup | no-op prompts/s | ms per prompt | vs stock |", "|---|---|---|---|"]
+    for label, key in (("stock ComfyUI", "stock"), ("comfy-multigpu, 1 worker", "multi1"),
+                       ("comfy-multigpu, 4 workers", "multi4")):
+        rate = lat[key]["drain"]
+        lines.append(f"| {label} | {rate:.0f} | {1000 / rate:.2f} | {rate / lat['stock']['drain']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

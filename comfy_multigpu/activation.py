@@ -111,6 +111,7 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     pool.server = srv
     pool.limits = Limits(settings.max_queue_per_gpu, settings.max_queue)
     pool.watchdog_s = settings.watchdog
+    pool.gc_freeze = settings.gc_freeze
     journal_text = _open_journal(settings, pool, queue)
     weights_text = _weight_store(settings, pool)
     pool.metrics = Metrics(pool)

@@ -25,6 +25,9 @@ Rules (docs/configuration.md repeats them for users):
   default 70%), or "off" to let every worker load its own copy (stock behaviour).
 - COMFY_MULTIGPU_MALLOC_ARENAS: glibc malloc arenas for the process (default MALLOC_ARENAS; 0 = glibc's
   default of 8 per core, each worker thread then keeps its own freed pages).
+- COMFY_MULTIGPU_GC_FREEZE: "1"/"on" (default) freezes what start-up allocated out of Python's cyclic
+  garbage collector (gc.freeze), so the periodic full collection every worker waits on scans only
+  newer objects; "0"/"off" keeps stock's full scans.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ ENV_WATCHDOG = "COMFY_MULTIGPU_WATCHDOG"
 ENV_JOURNAL = "COMFY_MULTIGPU_JOURNAL"
 ENV_RAM_CACHE = "COMFY_MULTIGPU_RAM_CACHE"
 ENV_MALLOC_ARENAS = "COMFY_MULTIGPU_MALLOC_ARENAS"
+ENV_GC_FREEZE = "COMFY_MULTIGPU_GC_FREEZE"
 MALLOC_ARENAS = 2
 
 _ON = {"1", "on", "true", "yes"}
@@ -78,6 +82,7 @@ class Settings:
     journal: str = ""                  # "" = default path, "off" = none
     ram_cache: str = ""                # COMFY_MULTIGPU_RAM_CACHE as given ("" = default, "off")
     malloc_arenas: int = MALLOC_ARENAS
+    gc_freeze: bool = True
 
 
 def _parse_sched(env: Mapping[str, str]) -> str:
@@ -198,6 +203,15 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _ON or raw in _OFF:
+        return raw in _ON
+    raise ConfigError(f"{name}={env[name]!r} is not understood; use 1 (on) or 0 (off)")
+
+
 def _ram_cache(env: Mapping[str, str]) -> str:
     raw = env.get(ENV_RAM_CACHE, "").strip()
     try:
@@ -235,7 +249,8 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
                  "max_queue_per_gpu": _whole(env, ENV_QUEUE_PER_GPU, 0), "max_queue": _whole(env, ENV_QUEUE_TOTAL, 0),
                  "drain_timeout": _seconds(env, ENV_DRAIN_TIMEOUT, 600.0),
                  "watchdog": _seconds(env, ENV_WATCHDOG, 0.0), "journal": env.get(ENV_JOURNAL, "").strip(),
-                 "ram_cache": _ram_cache(env), "malloc_arenas": _whole(env, ENV_MALLOC_ARENAS, MALLOC_ARENAS)}
+                 "ram_cache": _ram_cache(env), "malloc_arenas": _whole(env, ENV_MALLOC_ARENAS, MALLOC_ARENAS),
+                 "gc_freeze": _switch(env, ENV_GC_FREEZE, True)}
     if sched == "on":
         return Settings(True, devices, f"{ENV_SCHED}=1", **options)
     if len(devices) > 1:

@@ -59,6 +59,16 @@ class PoolCollector:
         yield from (depth, running, up, healthy, restarts)
         yield from self._device_memory(rows)
         yield from self._ram_cache()
+        yield from self._housekeeping()
+
+    def _housekeeping(self):
+        c = CounterMetricFamily(f"{PREFIX}_housekeeping_passes", "garbage collection + cache emptying passes")
+        c.add_metric([], self.pool.gc_runs)
+        yield c
+        g = GaugeMetricFamily(f"{PREFIX}_housekeeping_last_pass_seconds",
+                              "how long the last pass held up the workers (GIL)")
+        g.add_metric([], self.pool.gc_last_s)
+        yield g
 
     def _device_memory(self, rows):
         used = GaugeMetricFamily(f"{PREFIX}_device_memory_used_bytes", "device memory in use (CUDA devices)",

@@ -88,8 +88,8 @@ class MultiQueue:
                     raise ApiError(503, "journal_unavailable", f"the prompt journal could not record it: {ex}",
                                    "nothing was queued; retry, and check the disk under ComfyUI's user directory",
                                    headers={"Retry-After": "5"}) from None
-            pool.pending[item[1]] = PendingPrompt(models, target is None, eligible)
-            pool.workers[gpu].push(item)
+            pool.pending[item[1]] = PendingPrompt(models, target is None, eligible, item[0])
+            pool.workers[gpu].push(item, pinned=target is not None)
             pool.wake_idle()
         self.server.queue_updated()
         return gpu
@@ -150,6 +150,7 @@ class MultiQueue:
                     self.pool.forget_pending(item[1])
                     removed.append(item[1])
                 w.pending.clear()
+                w.pinned.clear()
             if self.pool.journal is not None:
                 self.pool.journal.forget(removed)
         self.server.queue_updated()
@@ -241,7 +242,8 @@ class MultiQueue:
                 "default_pool": self.pool.default_pool,
                 "total_running": sum(q["running_count"] for q in queues),
                 "total_pending": sum(q["pending_count"] for q in queues),
-                "housekeeping": {"gc_runs": self.pool.gc_runs}}
+                "housekeeping": {"gc_runs": self.pool.gc_runs, "gc_frozen_objects": self.pool.gc_frozen,
+                                 "last_pass_ms": round(1000 * self.pool.gc_last_s, 1)}}
 
 
 def make_multiqueue(original, pool):

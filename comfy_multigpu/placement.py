@@ -3,9 +3,10 @@ which waiting prompt an idle worker takes over, the models a prompt loads, and p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 PRIORITIES = ("high", "normal", "low")
+LOOKAHEAD = 64          # a free worker chooses among the first LOOKAHEAD prompts it may run (queue order)
 PRIORITY_SPAN = 1e9     # queue numbers: high < 0 <= normal < PRIORITY_SPAN <= low
 GIB = 1 << 30
 
@@ -108,10 +109,9 @@ def choose_least_loaded(loads: Sequence[WorkerLoad], models: frozenset = frozens
     return best.gpu_id
 
 
-@dataclass(frozen=True)
-class Waiting:
+class Waiting(NamedTuple):
     """A prompt a free worker may start: one of its own pending prompts, or an auto-placed one waiting
-    in a busy worker's queue."""
+    in a busy worker's queue. (A NamedTuple: up to LOOKAHEAD are made per start.)"""
     prompt_id: str
     number: float           # queue order (lower first; high priority and "front" prompts are negative)
     owner: int              # the GPU whose queue holds it now

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import copy
 import gc
+import heapq
+import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from . import placement
 from .admission import Limits
 from .dashboard import Board
-from .heap import release_free_heap
+from .heap import freeze_startup_objects, release_free_heap
 from .weights import PinCounts
 from .worker import GpuWorker
 
@@ -57,6 +59,26 @@ class PendingPrompt:
     models: frozenset
     movable: bool                             # auto-placed (True) or pinned (False)
     eligible: Optional[frozenset] = None      # GPUs of its pool (None: any)
+    number: float = 0.0                       # its queue number
+
+
+def _queue_order(head: tuple) -> tuple:
+    return head[0], head[1]
+
+
+def heap_in_order(heap: list) -> Iterator[tuple]:
+    """A heap's items in queue order (number, then prompt id) without changing it: the smallest of
+    a frontier of unvisited nodes each time, O(log k) for the k-th. The heap must not change while
+    this runs (pool.mutex held)."""
+    if not heap:
+        return
+    frontier = [(_queue_order(heap[0]), 0)]
+    while frontier:
+        _, i = heapq.heappop(frontier)
+        yield heap[i]
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < len(heap):
+                heapq.heappush(frontier, (_queue_order(heap[child]), child))
 
 
 class WorkerPool:
@@ -82,6 +104,9 @@ class WorkerPool:
         self.model_lock = threading.RLock()        # guards comfy.model_management.current_loaded_models
         self.start_hooks: list = []                # run once, in launch(), before workers start
         self.gc_runs = 0                           # housekeeping passes (GC + cache emptying) so far
+        self.gc_freeze = True                      # freeze start-up objects out of the GC (heap.py)
+        self.gc_frozen = 0                         # objects frozen at start
+        self.gc_last_s = 0.0                       # how long the last pass held up the workers
         # reliability (set by activation from the settings)
         self.journal = None                        # journal.Journal, or None when switched off
         self.limits = Limits()
@@ -123,31 +148,49 @@ class WorkerPool:
 
     # ---- queue mechanics (placement policy lives in placement.py) -----------------------------
     def startable(self, worker: GpuWorker) -> list[placement.Waiting]:
-        """What `worker` may start: the first of its pinned prompts (pinned prompts keep their order,
-        as in a stock queue, and never move), its own auto-placed ones, and the auto-placed ones
-        waiting in busy workers' queues (an idle worker starts its own queue itself)."""
-        waiting = []
-        first_pinned = None
-        for owner in self.workers:
-            if owner is not worker and not owner.busy and not owner.down:
-                continue
-            for item in owner.pending:
-                facts = self.pending.get(item[1]) or PendingPrompt(frozenset(), False)
-                if not facts.movable:
-                    if owner is worker and (first_pinned is None or item[:2] < first_pinned[0][:2]):
-                        first_pinned = (item, facts)
-                    continue
-                waiting.append(placement.Waiting(item[1], item[0], owner.gpu_id, facts.models, facts.eligible,
-                                                 self.overtaken.get(item[1], 0)))
-        if first_pinned is not None:
-            item, facts = first_pinned
-            waiting.append(placement.Waiting(item[1], item[0], worker.gpu_id, facts.models, None,
-                                             self.overtaken.get(item[1], 0), pinned=True))
+        """What `worker` may start, the first placement.LOOKAHEAD in queue order: the first of its pinned
+        prompts (pinned prompts keep their order, as in a stock queue, and never move), its own
+        auto-placed ones, and those of its pool waiting in busy workers' queues (an idle worker starts
+        its own queue itself). Costs O(workers x LOOKAHEAD) however long the queues are."""
+        heads = [self._movable_head(owner, worker.gpu_id) for owner in self.workers
+                 if owner is worker or owner.busy or owner.down]          # each in queue order
+        first = itertools.islice(heapq.merge(*heads, key=_queue_order), placement.LOOKAHEAD)
+        waiting = [placement.Waiting(pid, number, gpu, facts.models, facts.eligible, self.overtaken.get(pid, 0))
+                   for number, pid, gpu, facts in first]
+        pinned = self._first_pinned(worker)
+        if pinned is not None:
+            pid, facts = pinned
+            waiting.append(placement.Waiting(pid, facts.number, worker.gpu_id, facts.models, None,
+                                             self.overtaken.get(pid, 0), pinned=True))
         return waiting
+
+    def _movable_head(self, owner: GpuWorker, gpu_id: int) -> list[tuple]:
+        """The first LOOKAHEAD auto-placed prompts in `owner`'s queue that `gpu_id` may run, as
+        (number, prompt id, owner, facts), read off the heap in order without changing it."""
+        found = []
+        for item in heap_in_order(owner.pending):
+            facts = self.pending.get(item[1])
+            if facts is None or not facts.movable or (facts.eligible is not None and gpu_id not in facts.eligible):
+                continue
+            found.append((item[0], item[1], owner.gpu_id, facts))
+            if len(found) == placement.LOOKAHEAD:
+                break
+        return found
+
+    def _first_pinned(self, worker: GpuWorker) -> Optional[tuple[str, PendingPrompt]]:
+        """The earliest pinned prompt waiting in `worker`'s queue (its pinned heap; entries of prompts
+        that started or were deleted are dropped here)."""
+        heap = worker.pinned
+        while heap:
+            number, pid = heap[0]
+            facts = self.pending.get(pid)
+            if facts is not None and not facts.movable and facts.number == number:
+                return pid, facts
+            heapq.heappop(heap)
+        return None
 
     def take_next(self, worker: GpuWorker) -> Optional[tuple[tuple, int]]:
         """The prompt `worker` starts now (placement.choose_next over pool.startable), or None."""
-        import heapq
         with self.mutex:
             if self.draining:
                 return None
@@ -158,9 +201,12 @@ class WorkerPool:
             for prompt_id in placement.overtaken_by(worker.gpu_id, chosen, waiting):
                 self.overtaken[prompt_id] = self.overtaken.get(prompt_id, 0) + 1
             owner = self.workers[chosen.owner]
-            index = next(i for i, it in enumerate(owner.pending) if it[1] == chosen.prompt_id)
-            item = owner.pending.pop(index)
-            heapq.heapify(owner.pending)
+            if owner.pending[0][1] == chosen.prompt_id:       # the earliest (most starts): O(log n)
+                item = heapq.heappop(owner.pending)
+            else:
+                index = next(i for i, it in enumerate(owner.pending) if it[1] == chosen.prompt_id)
+                item = owner.pending.pop(index)
+                heapq.heapify(owner.pending)
             if owner is not worker:
                 worker.log.info("Took over prompt %s waiting behind GPU %s", item[1], owner.gpu_id)
             self.forget_pending(item[1])
@@ -279,6 +325,10 @@ class WorkerPool:
         import hook_breaker_ac10a0
         from app.assets.seeder import asset_seeder
         from comfy.cli_args import args
+        if self.gc_freeze:
+            self.gc_frozen, took = freeze_startup_objects()
+            logger.info("comfy-multigpu: %d start-up objects frozen out of the garbage collector (%.0f ms; "
+                        "COMFY_MULTIGPU_GC_FREEZE=0 turns this off)", self.gc_frozen, 1000 * took)
         last = 0.0
         while True:
             with self._gc_cond:
@@ -290,12 +340,14 @@ class WorkerPool:
                 continue
             with self._gc_cond:
                 self._gc_wanted = False
+            started = time.perf_counter()
             gc.collect()
             comfy.model_management.soft_empty_cache()
             if self.weights is not None:
                 self.weights.evict()          # files whose last view the GC just freed
             release_free_heap()
             last = time.perf_counter()
+            self.gc_last_s = last - started
             self.gc_runs += 1
             hook_breaker_ac10a0.restore_functions()
             with self.mutex:

@@ -44,6 +44,7 @@ class GpuWorker:
         self.log = WorkerLog(logger, {"gpu_id": gpu_id})
         self.cond = threading.Condition(pool.mutex)
         self.pending: list[tuple] = []          # heap of stock 6-tuples
+        self.pinned: list[tuple] = []           # heap of (number, prompt id) of its pinned pending prompts
         self.running: dict[int, tuple] = {}     # item_id -> stock 6-tuple
         self.flags: dict[str, Any] = {}
         self.up = False
@@ -76,8 +77,10 @@ class GpuWorker:
         """Started once and no longer running (a worker still starting up is not down)."""
         return self.started.is_set() and not self.up
 
-    def push(self, item: tuple) -> None:
+    def push(self, item: tuple, pinned: bool = False) -> None:
         heapq.heappush(self.pending, item)
+        if pinned:     # found again by pool._first_pinned; started/deleted ones are dropped there
+            heapq.heappush(self.pinned, (item[0], item[1]))
         self.cond.notify()
 
     # ---- model files recent prompts used (placement affinity) ---------------------------------

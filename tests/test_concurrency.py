@@ -62,3 +62,36 @@ def test_periodic_gc_runs_once_for_all_workers(multi4):
     time.sleep(11)
     after = multi4.get("/queue/all", counts=1)["housekeeping"]["gc_runs"]
     assert 1 <= after - before <= 2
+
+
+def _cycles_freed_after_prompts(server, count: int) -> dict:
+    """Run `count` prompts that each leave a reference cycle behind; wait (bounded) until the garbage
+    collector has freed every one made so far."""
+    made_before = server.get("/mg_test/cycles")["made"]
+    server.wait([server.submit(wf.make_cycle(i))["prompt_id"] for i in range(count)])
+    deadline = time.time() + 30           # the housekeeping pass runs at most every 10 s
+    while True:
+        cycles = server.get("/mg_test/cycles")
+        if cycles["freed"] == cycles["made"] or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert cycles["made"] == made_before + count
+    return cycles
+
+
+def test_start_up_objects_are_frozen_out_of_the_gc_and_later_garbage_is_still_freed(multi4):
+    """The periodic full collection holds every worker up (one GIL); freezing what start-up left alive
+    makes it scan only newer objects. Garbage made by prompts afterwards must still be freed."""
+    housekeeping = multi4.get("/queue/all", counts=1)["housekeeping"]
+    assert housekeeping["gc_frozen_objects"] > 100_000          # torch + ComfyUI + nodes
+    cycles = _cycles_freed_after_prompts(multi4, 8)
+    assert cycles["freed"] == cycles["made"]
+    after = multi4.get("/queue/all", counts=1)["housekeeping"]
+    assert after["gc_frozen_objects"] == housekeeping["gc_frozen_objects"]   # frozen once, at start only
+
+
+def test_gc_freeze_off_keeps_stock_full_collections(servers):
+    server = servers.start("gc-off", workers=2, env={"COMFY_MULTIGPU_GC_FREEZE": "0"})
+    assert server.get("/queue/all", counts=1)["housekeeping"]["gc_frozen_objects"] == 0
+    cycles = _cycles_freed_after_prompts(server, 4)
+    assert cycles["freed"] == cycles["made"]

@@ -36,6 +36,7 @@ ERRORS = [
     ({"COMFY_MULTIGPU_DEVICES": "cuda:0"}, 2, True, "--cpu"),
     ({"COMFY_MULTIGPU_DEVICES": "gpu0"}, 2, False, "not a device"),
     ({"COMFY_MULTIGPU_DEVICES": "cpu,cpu", "COMFY_NUM_GPUS": "3"}, 0, False, "disagrees"),
+    ({"COMFY_MULTIGPU_GC_FREEZE": "later"}, 2, False, "GC_FREEZE=.later. is not understood"),
 ]
 
 
@@ -104,3 +105,9 @@ def test_every_setting_is_documented_for_users():
     for doc in ("docs/configuration.md", "README.md"):
         text = (repo / doc).read_text()
         assert [n for n in names if f"`{n}" not in text] == [], doc
+
+
+@pytest.mark.parametrize("raw, expected", [(None, True), ("1", True), ("on", True), ("0", False), ("OFF", False)])
+def test_gc_freeze_switch(raw, expected):
+    env = {"COMFY_NUM_GPUS": "2"} | ({} if raw is None else {"COMFY_MULTIGPU_GC_FREEZE": raw})
+    assert resolve_settings(env, 0, False).gc_freeze is expected

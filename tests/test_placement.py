@@ -33,3 +33,31 @@ def test_among_idle_gpus_the_one_that_ran_the_models_is_chosen(multi2):
     again = multi2.submit(wf.txt2img(6, prefix="affinity", lora=1.0))     # both idle: GPU 1 has the models
     assert again["gpu_id"] == 1
     multi2.wait(again["prompt_id"], timeout=300)
+
+
+def test_among_idle_gpus_without_the_models_the_one_with_more_free_device_memory_is_chosen(multi2):
+    """The device's free memory is read after each prompt (CUDA only: the reading is faked here at
+    that edge, by the test node pack); a prompt whose models no GPU has goes where loading them evicts
+    least, and the next reading after a prompt is what counts."""
+    gib = 1 << 30
+    multi2.wait_idle()
+    try:
+        readings = [multi2.post("/mg_test/free_memory", {"gpu": 0, "bytes": 2 * gib}),
+                    multi2.post("/mg_test/free_memory", {"gpu": 1, "bytes": 10 * gib})]
+        assert [r["free_memory"] for r in readings] == [2 * gib, 10 * gib]
+        assert [q["free_memory"] for q in multi2.get("/queue/all", counts=1)["queues"]] == [2 * gib, 10 * gib]
+        first = multi2.submit(wf.standin("free-memory-probe-1", 0.05, 1, 0.0))
+        assert first["gpu_id"] == 1
+        assert multi2.wait(first["prompt_id"])[first["prompt_id"]]["gpu_id"] == 1
+        multi2.post("/mg_test/free_memory", {"gpu": 0, "bytes": 12 * gib})
+        multi2.post("/mg_test/free_memory", {"gpu": 1, "bytes": 1 * gib})
+        second = multi2.submit(wf.standin("free-memory-probe-2", 0.05, 2, 0.0))
+        assert second["gpu_id"] == 0
+        assert multi2.wait(second["prompt_id"])[second["prompt_id"]]["gpu_id"] == 0
+        # GPU 1 has probe 1 on its device: affinity comes before free memory.
+        third = multi2.submit(wf.standin("free-memory-probe-1", 0.05, 3, 0.0))
+        assert third["gpu_id"] == 1
+        multi2.wait(third["prompt_id"])
+    finally:
+        for gpu in (0, 1):
+            multi2.post("/mg_test/free_memory", {"gpu": gpu, "bytes": None})

@@ -69,6 +69,10 @@ def fault(mode: str) -> dict:
     return {"1": {"class_type": "MGFault", "inputs": {"mode": mode}}}
 
 
+def make_cycle(value: int = 0) -> dict:
+    return {"1": {"class_type": "MGMakeCycle", "inputs": {"value": value}}}
+
+
 def record(tag: str, seconds: float = 0.2) -> dict:
     return {"1": {"class_type": "MGRecord", "inputs": {"tag": tag, "seconds": seconds}}}
 

@@ -305,9 +305,41 @@ class MGRecord(AlwaysRun):
         return {"ui": {"tag": [tag]}}
 
 
+class _Cycle:
+    """A reference cycle: only Python's cyclic garbage collector frees it."""
+
+    def __init__(self):
+        self.me = self
+        self.payload = bytearray(1 << 20)
+
+
+CYCLES = {"made": 0, "freed": 0}
+_CYCLES_LOCK = threading.Lock()
+
+
+def _cycle_freed():
+    with _CYCLES_LOCK:
+        CYCLES["freed"] += 1
+
+
+class MGMakeCycle(AlwaysRun):
+    """Leaves a 1 MiB reference cycle behind as garbage (GET /mg_test/cycles: made, freed)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0, "min": -2**31, "max": 2**31})}}
+
+    def run(self, value):
+        import weakref
+        weakref.finalize(_Cycle(), _cycle_freed)
+        with _CYCLES_LOCK:
+            CYCLES["made"] += 1
+        return {"ui": {"value": [value]}}
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
                        (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel,
-                        MGSaveNumbered, MGLoadStandIn, MGUseStandIn, MGFault, MGRecord)}
+                        MGSaveNumbered, MGLoadStandIn, MGUseStandIn, MGFault, MGRecord, MGMakeCycle)}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
 
@@ -332,6 +364,32 @@ def _counting_safe_open(filename, *args, **kwargs):
 safetensors.safe_open = _counting_safe_open
 
 
+# ---- a CUDA device's free-memory reading, faked at the edge (no GPU here) ---------------------------
+# GpuWorker.measure_free_memory reads CUDA devices only; POST /mg_test/free_memory {"gpu", "bytes"} makes
+# a CPU worker report `bytes` as if its device did (bytes null: back to no reading), so placement's
+# free-memory rule runs through the real server.
+FAKE_FREE_MEMORY: dict = {}
+
+
+def _install_free_memory_fake():
+    try:
+        from comfy_multigpu.worker import GpuWorker
+    except ImportError:
+        return
+    original = GpuWorker.measure_free_memory
+
+    def measure_free_memory(self):
+        if self.gpu_id in FAKE_FREE_MEMORY:
+            self.free_memory = FAKE_FREE_MEMORY[self.gpu_id]
+        else:
+            original(self)
+
+    GpuWorker.measure_free_memory = measure_free_memory
+
+
+_install_free_memory_fake()
+
+
 def _add_routes():
     from aiohttp import web
     from server import PromptServer
@@ -340,6 +398,24 @@ def _add_routes():
     async def file_reads(request):
         with _FILE_READS_LOCK:
             return web.json_response(dict(FILE_READS))
+
+    @PromptServer.instance.routes.post("/mg_test/free_memory")
+    async def free_memory(request):
+        from comfy_multigpu.activation import EXTENSION_KEY
+        body = await request.json()
+        worker = request.app[EXTENSION_KEY].pool.workers[body["gpu"]]
+        if body["bytes"] is None:
+            FAKE_FREE_MEMORY.pop(worker.gpu_id, None)
+            worker.free_memory = None
+        else:
+            FAKE_FREE_MEMORY[worker.gpu_id] = int(body["bytes"])
+            worker.measure_free_memory()
+        return web.json_response({"gpu": worker.gpu_id, "free_memory": worker.free_memory})
+
+    @PromptServer.instance.routes.get("/mg_test/cycles")
+    async def cycles(request):
+        with _CYCLES_LOCK:
+            return web.json_response(dict(CYCLES))
 
 
 _add_routes()
