@@ -4,7 +4,7 @@ elsewhere the C part does nothing).
 Python: a full gc.collect() holds the GIL for as long as it scans every tracked object, and one process
 holds torch, ComfyUI and its nodes: about 635,000 objects, 325 ms a pass on the 2 cores here. Stock
 ComfyUI's worker pays that between its own prompts; in one process for N GPUs every worker waits for it.
-- freeze_startup_objects (once, when the workers start): gc.collect() then gc.freeze() moves what
+- freeze_startup_objects (once, before the workers start): gc.collect() then gc.freeze() moves what
   start-up left alive out of all later collections (1-2 ms a pass afterwards). What is created later
   (models, views, prompt state) is collected as before.
 

@@ -132,6 +132,12 @@ class WorkerPool:
 
     def launch(self, server) -> None:
         """Called from the thread ComfyUI starts for prompt_worker: hooks, then the workers."""
+        if self.gc_freeze:
+            # Before any worker exists: what a prompt creates must never be frozen (a model frozen
+            # while it loads could not be freed by the collector again).
+            self.gc_frozen, took = freeze_startup_objects()
+            logger.info("comfy-multigpu: %d start-up objects frozen out of the garbage collector (%.0f ms; "
+                        "COMFY_MULTIGPU_GC_FREEZE=0 turns this off)", self.gc_frozen, 1000 * took)
         for hook in self.start_hooks:
             hook(server)
         self.start(server)
@@ -325,10 +331,6 @@ class WorkerPool:
         import hook_breaker_ac10a0
         from app.assets.seeder import asset_seeder
         from comfy.cli_args import args
-        if self.gc_freeze:
-            self.gc_frozen, took = freeze_startup_objects()
-            logger.info("comfy-multigpu: %d start-up objects frozen out of the garbage collector (%.0f ms; "
-                        "COMFY_MULTIGPU_GC_FREEZE=0 turns this off)", self.gc_frozen, 1000 * took)
         last = 0.0
         while True:
             with self._gc_cond:

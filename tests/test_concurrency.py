@@ -84,6 +84,8 @@ def test_start_up_objects_are_frozen_out_of_the_gc_and_later_garbage_is_still_fr
     makes it scan only newer objects. Garbage made by prompts afterwards must still be freed."""
     housekeeping = multi4.get("/queue/all", counts=1)["housekeeping"]
     assert housekeeping["gc_frozen_objects"] > 100_000          # torch + ComfyUI + nodes
+    log = multi4.log()       # frozen before any worker could start a prompt (whose models it would freeze)
+    assert log.index("start-up objects frozen out of the garbage collector") < log.index("Worker started")
     cycles = _cycles_freed_after_prompts(multi4, 8)
     assert cycles["freed"] == cycles["made"]
     after = multi4.get("/queue/all", counts=1)["housekeeping"]
