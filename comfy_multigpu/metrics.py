@@ -86,24 +86,18 @@ class PoolCollector:
         store = self.pool.weights
         if store is None:
             return
-        with store.lock:
-            entries = [e for e in store.entries.values() if e.ready.is_set() and e.error is None]
-            nbytes = sum(e.nbytes for e in entries)
-            hits, misses, evictions = store.hits, store.misses, store.evictions
-        g = GaugeMetricFamily(f"{PREFIX}_ram_cache_bytes", "model weights held in the shared RAM cache")
-        g.add_metric([], nbytes)
-        yield g
-        g = GaugeMetricFamily(f"{PREFIX}_ram_cache_budget_bytes", "COMFY_MULTIGPU_RAM_CACHE")
-        g.add_metric([], store.budget)
-        yield g
-        g = GaugeMetricFamily(f"{PREFIX}_ram_cache_files", "model files in the shared RAM cache")
-        g.add_metric([], len(entries))
-        yield g
-        for name, value, text in (("hits", hits, "loader calls served from the RAM cache"),
-                                  ("misses", misses, "loader calls that read the file"),
-                                  ("evictions", evictions, "files dropped from the RAM cache")):
+        totals = store.totals()
+        for name, text in (("bytes", "model weights held in the shared RAM cache"),
+                           ("budget_bytes", "COMFY_MULTIGPU_RAM_CACHE"),
+                           ("files", "model files in the shared RAM cache")):
+            g = GaugeMetricFamily(f"{PREFIX}_ram_cache_{name}", text)
+            g.add_metric([], totals[name])
+            yield g
+        for name, text in (("hits", "loader calls served from the RAM cache"),
+                           ("misses", "loader calls that read the file"),
+                           ("evictions", "files dropped from the RAM cache")):
             c = CounterMetricFamily(f"{PREFIX}_ram_cache_{name}", text)
-            c.add_metric([], value)
+            c.add_metric([], totals[name])
             yield c
 
 

@@ -109,7 +109,7 @@ def run_on_worker(worker, request: Request) -> None:
         patchers = device_patchers(view)
         if patchers:
             comfy.model_management.load_models_gpu(patchers)
-        if patchers:          # placement's model affinity: this GPU now has it, like after a prompt
+            # placement's model affinity: this GPU now has it, like after a prompt
             worker.remember_models([f"{PLACEMENT_KEYS[request.kind]}:{request.name}"])
         worker.log.info("Preloaded %s %s onto %s", request.kind, request.name, worker.label)
         request.done.set_result("on_device" if patchers else "in_ram")

@@ -435,7 +435,7 @@ class WeightStore:
         with self.lock:
             self._apply_releases()
             files = [CachedFile(e.key, e.nbytes, bool(e.users) or e.pending > 0, e.last_use)
-                     for e in self.entries.values() if e.ready.is_set() and e.error is None]
+                     for e in self._loaded()]
             gone = [self.entries.pop(k) for k in choose_evictions(files, self.budget)]
             for e in gone:
                 for ptr in e.storages:
@@ -456,26 +456,32 @@ class WeightStore:
             return False
         return ptr in self._shared_ptrs
 
-    @property
-    def nbytes(self) -> int:
+    def _loaded(self) -> list[Entry]:
+        """Entries whose file is in RAM (not loading, not failed); self.lock held by the caller."""
+        return [e for e in self.entries.values() if e.ready.is_set() and e.error is None]
+
+    def _totals(self, entries: list[Entry]) -> dict:
+        return {"bytes": sum(e.nbytes for e in entries), "budget_bytes": self.budget, "files": len(entries),
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+    def totals(self) -> dict:
+        """Bytes and files in RAM, the budget, and the hit / miss / eviction counters (GET /metrics)."""
         with self.lock:
-            return sum(e.nbytes for e in self.entries.values())
+            return self._totals(self._loaded())
 
     def listing(self, devices_of: Callable[[Entry], list]) -> dict:
         """For GET /multigpu/models: every file in RAM, its size, users, last use, devices."""
         now = time.monotonic()
         with self.lock:
             self._apply_releases()
-            entries = [e for e in self.entries.values() if e.ready.is_set() and e.error is None]
+            entries = self._loaded()
             files = [{"name": e.name, "type": e.kind, "path": e.path, "bytes": e.nbytes,
                       "users": sorted(g for g in e.users if g != OUTSIDE),
                       "views": sum(e.users.values()), "loads": e.loads, "views_made": e.views,
                       "load_seconds": round(e.load_seconds, 3),
                       "idle_seconds": round(now - e.last_use, 3), "preloaded_for": sorted(e.held),
                       "_entry": e} for e in entries]
-            totals = {"bytes": sum(e.nbytes for e in entries), "budget_bytes": self.budget,
-                      "files": len(entries), "hits": self.hits, "misses": self.misses,
-                      "evictions": self.evictions}
+            totals = self._totals(entries)
         for f in files:
             f["devices"] = devices_of(f.pop("_entry"))
         return {"sharing": True, "ram_cache": totals, "models": files}
