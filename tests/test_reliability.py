@@ -140,7 +140,9 @@ def test_kill_9_at_random_points_loses_no_accepted_prompt(servers):
         for pid in ids:
             if pid not in accepted:
                 try:
-                    answer = post_prompt(server, wf.record(pid, 0.15), pid)
+                    # 0.3 s each: 7.5 s of work on 2 workers outlasts the five run windows (sleeps of
+                    # 3.25 s in all, plus start-ups), so every kill finds prompts still to do
+                    answer = post_prompt(server, wf.record(pid, 0.3), pid)
                 except (HttpError, OSError):
                     break
                 accepted.add(answer["prompt_id"])
