@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from comfy_multigpu.nginx_conf import NginxSettings, render  # noqa: E402
+from comfy_multigpu.tools.nginx_conf import NginxSettings, render  # noqa: E402
 from helpers import workflows as wf  # noqa: E402
 from helpers.comfy_server import ComfyServer  # noqa: E402
 from shared import comfyui_dir, write_section  # noqa: E402

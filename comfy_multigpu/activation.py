@@ -2,7 +2,7 @@
 
 Called once from the custom-node entry shim (../__init__.py). Host objects touched: comfy.cli_args.args,
 comfyui_version, comfy.memory_management.aimdo_enabled, server.PromptServer.instance (middleware,
-routes, app key), and everything patches/manifest.toml lists (through comfy_multigpu.patching).
+routes, app key), and everything patches/manifest.toml lists (through comfy_multigpu.host.patching).
 """
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ from typing import Mapping, Optional
 
 from aiohttp import web
 
-from . import dashboard, http_api, patching
-from .admission import Limits
-from .config import ConfigError, Settings, resolve_settings
-from .eviction import parse_ram_budget
-from .journal import Journal
-from .lifecycle import Drain
-from .metrics import Metrics
-from .pool import WorkerPool
-from .weights import WeightStore
+from .api import dashboard, http_api
+from .host import patching
+from .policy.admission import Limits
+from .policy.config import ConfigError, Settings, resolve_settings
+from .policy.eviction import parse_ram_budget
+from .runtime.journal import Journal
+from .runtime.lifecycle import Drain
+from .api.metrics import Metrics
+from .runtime.pool import WorkerPool
+from .runtime.weights import WeightStore
 
 logger = logging.getLogger("comfy_multigpu")
 

@@ -1,5 +1,5 @@
 """Before torch is imported: switch DynamicVRAM off when multi-GPU workers will run, and cap the
-C heap's arenas before the worker threads exist (comfy_multigpu/heap.py).
+C heap's arenas before the worker threads exist (comfy_multigpu/runtime/heap.py).
 
 Host objects touched: comfy.cli_args.args.disable_dynamic_vram / enable_dynamic_vram, read by
 enables_dynamic_vram() at call time (cli_args.py:312-315, main.py:291) after prestartup scripts.
@@ -10,8 +10,8 @@ import logging
 import os
 from typing import Mapping
 
-from .config import ConfigError, resolve_settings, cuda_count_without_torch
-from .heap import cap_arenas
+from .policy.config import ConfigError, resolve_settings, cuda_count_without_torch
+from .runtime.heap import cap_arenas
 
 logger = logging.getLogger("comfy_multigpu")
 

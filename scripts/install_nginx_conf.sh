@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generate the per-GPU Nginx config for N GPUs and install it (default into /etc/nginx/conf.d/),
 # then check it with `nginx -t` and, with --reload, reload Nginx. Other options go to the generator
-# (python -m comfy_multigpu.nginx_conf --help): --upstream, --first-port, --auth-file, --allow, ...
+# (python -m comfy_multigpu.tools.nginx_conf --help): --upstream, --first-port, --auth-file, --allow, ...
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +32,7 @@ main() {
   fi
   local tmp
   tmp="$(mktemp)"
-  PYTHONPATH="${ROOT}" python3 -m comfy_multigpu.nginx_conf "${gen[@]}" > "${tmp}"
+  PYTHONPATH="${ROOT}" python3 -m comfy_multigpu.tools.nginx_conf "${gen[@]}" > "${tmp}"
   install -m 0644 "${tmp}" "${dest}"
   rm -f "${tmp}"
   echo "wrote ${dest}" >&2

@@ -12,7 +12,7 @@ main() {
     exit 0
   fi
   local url="${1:-http://127.0.0.1:${PORT:-8188}}"
-  PYTHONPATH="${ROOT}" exec python3 -m comfy_multigpu.quick_check --url "${url}"
+  PYTHONPATH="${ROOT}" exec python3 -m comfy_multigpu.tools.quick_check --url "${url}"
 }
 
 main "$@"

@@ -31,7 +31,7 @@ main() {
   local -a extra=()
   local cuda
   cuda="$(PYTHONPATH="${ROOT}" python3 -c \
-    'from comfy_multigpu.config import cuda_count_without_torch as c; print(c())')"
+    'from comfy_multigpu.policy.config import cuda_count_without_torch as c; print(c())')"
   if [[ "${cuda}" == "0" && " $* " != *" --cpu "* ]]; then
     echo "comfy-multigpu: no CUDA device visible; starting ComfyUI with --cpu" >&2
     extra+=(--cpu)

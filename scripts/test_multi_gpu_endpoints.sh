@@ -23,7 +23,7 @@ main() {
   fi
   prepare_env --no-link
   cd "${ROOT}"
-  exec "${VENV_PYTHON}" -m comfy_multigpu.endpoint_check "$@"
+  exec "${VENV_PYTHON}" -m comfy_multigpu.tools.endpoint_check "$@"
 }
 
 main "$@"

@@ -1,7 +1,7 @@
-"""Device resolution rules (comfy_multigpu.config): a table of environments and machines, no threads."""
+"""Device resolution rules (comfy_multigpu.policy.config): a table of environments and machines, no threads."""
 import pytest
 
-from comfy_multigpu.config import ConfigError, cuda_count_without_torch, resolve_settings
+from comfy_multigpu.policy.config import ConfigError, cuda_count_without_torch, resolve_settings
 
 CASES = [
     # env, cuda visible, --cpu, enabled, devices
@@ -98,7 +98,7 @@ def test_bad_pools_and_weights_are_errors_that_say_what_to_fix(env, fragment):
 def test_every_setting_is_documented_for_users():
     """Each environment variable config.py reads is in docs/configuration.md and the README's table."""
     from pathlib import Path
-    from comfy_multigpu import config
+    from comfy_multigpu.policy import config
     repo = Path(__file__).resolve().parents[1]
     names = [value for key, value in vars(config).items() if key.startswith("ENV_")]
     assert len(names) >= 6

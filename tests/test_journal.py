@@ -1,9 +1,9 @@
-"""The prompt journal (comfy_multigpu.journal) on a real SQLite file: what was accepted and not finished
+"""The prompt journal (comfy_multigpu.runtime.journal) on a real SQLite file: what was accepted and not finished
 comes back in order, finished prompts come back as history, deleted ones do not come back, secrets are
 never written, and the file survives a reopen (as after kill -9)."""
 import sqlite3
 
-from comfy_multigpu.journal import Journal
+from comfy_multigpu.runtime.journal import Journal
 
 
 def item(prompt_id, number=1, secret=None):

@@ -1,4 +1,4 @@
-"""The Nginx config from nginx/ (comfy_multigpu.nginx_conf) in front of a real comfy-multigpu server:
+"""The Nginx config from nginx/ (comfy_multigpu.tools.nginx_conf) in front of a real comfy-multigpu server:
 port first+i lands on GPU i for every stock endpoint (scripts/test_multi_gpu_endpoints.sh), a client
 cannot override the port's GPU, WebSockets are upgraded and see their GPU's queue, uploads above
 Nginx's 1 MB default pass, 429 past the burst, and the optional basic auth and allow-list work."""
@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from comfy_multigpu.nginx_conf import NginxSettings, main as nginx_conf_main, render
+from comfy_multigpu.tools.nginx_conf import NginxSettings, main as nginx_conf_main, render
 from helpers import workflows as wf
 from helpers.nginx import Nginx, free_port_block
 
@@ -48,7 +48,7 @@ def http(url, body=None, headers=None):
 def test_committed_default_config_is_generated_and_valid(tmp_path):
     committed = (REPO / "nginx" / "comfyui-multi-gpu.conf").read_text()
     assert committed == render(NginxSettings(gpus=4), " --gpus 4"), \
-        "nginx/comfyui-multi-gpu.conf is stale: python -m comfy_multigpu.nginx_conf --gpus 4 > nginx/comfyui-multi-gpu.conf"
+        "nginx/comfyui-multi-gpu.conf is stale: python -m comfy_multigpu.tools.nginx_conf --gpus 4 > nginx/comfyui-multi-gpu.conf"
     check = Nginx(tmp_path, committed).check()
     assert check.returncode == 0, check.stderr
 

@@ -17,7 +17,7 @@ def test_the_wheel_holds_only_the_comfy_multigpu_package(tmp_path):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"comfy_multigpu"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert "comfy_multigpu/hostpatches/per_worker.py" in names
+    assert "comfy_multigpu/host/per_worker.py" in names
 
 
 def test_pyproject_has_the_comfy_registry_table():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_multigpu import patching
+from comfy_multigpu.host import patching
 from helpers import workflows as wf
 from helpers.comfy_server import HttpError
 
@@ -81,7 +81,7 @@ def test_unknown_host_shape_refuses_with_one_line_and_comfyui_runs_stock(servers
 
 def test_docs_patch_table_is_generated_from_the_manifest():
     committed = (REPO / "docs" / "patches.md").read_text()
-    assert committed == patching.markdown(), "docs/patches.md is stale: python -m comfy_multigpu.patching > docs/patches.md"
+    assert committed == patching.markdown(), "docs/patches.md is stale: python -m comfy_multigpu.host.patching > docs/patches.md"
 
 
 HOST_MODULES = {"comfy", "execution", "server", "nodes", "folder_paths", "latent_preview", "main",
@@ -92,7 +92,7 @@ INSTALLER = {"patching.py", "prestartup.py"}
 
 
 def test_no_module_but_the_installer_assigns_to_host_attributes():
-    """Only comfy_multigpu/patching.py changes host objects; everything else goes through the manifest."""
+    """Only comfy_multigpu/host/patching.py changes host objects; everything else goes through the manifest."""
     offenders = []
     for path in (REPO / "comfy_multigpu").rglob("*.py"):
         if path.name in INSTALLER:

@@ -1,8 +1,8 @@
-"""Placement policy (comfy_multigpu.placement): where an auto prompt is queued, what an idle worker takes
+"""Placement policy (comfy_multigpu.policy.placement): where an auto prompt is queued, what an idle worker takes
 over, model keys of a prompt, priority bands; pure functions over snapshots, table-driven."""
 import pytest
 
-from comfy_multigpu.placement import (GIB, PRIORITY_SPAN, Waiting, WorkerLoad, choose_least_loaded,
+from comfy_multigpu.policy.placement import (GIB, PRIORITY_SPAN, Waiting, WorkerLoad, choose_least_loaded,
                                       choose_next, overtaken_by, priority_rank, prompt_models, queue_number)
 
 @pytest.mark.parametrize("loads, expected", [

@@ -1,7 +1,7 @@
 """WorkerPool.take_next on a pool without threads or a server (its state set by hand): what a free
 worker starts when another worker is down, busy or draining. The real-server tests cover the rest."""
-from comfy_multigpu.placement import LOOKAHEAD
-from comfy_multigpu.pool import PendingPrompt, WorkerPool
+from comfy_multigpu.policy.placement import LOOKAHEAD
+from comfy_multigpu.runtime.pool import PendingPrompt, WorkerPool
 
 
 def pool_of(n):
@@ -107,7 +107,7 @@ def test_a_resubmitted_pinned_prompt_id_takes_its_new_place():
 def test_a_heap_is_read_in_queue_order_without_changing_it():
     import heapq
     import random
-    from comfy_multigpu.pool import heap_in_order
+    from comfy_multigpu.runtime.pool import heap_in_order
     rng = random.Random(7)
     heap = []
     for i in range(500):

@@ -1,10 +1,10 @@
-"""Request-body checks and admission policy (comfy_multigpu.errors, comfy_multigpu.admission): what the
+"""Request-body checks and admission policy (comfy_multigpu.policy.errors, comfy_multigpu.policy.admission): what the
 stock handlers would answer with 500 is refused with a 400 that says what is wrong; queue caps answer
 429 and draining 503, each with Retry-After. Pure, table-driven."""
 import pytest
 
-from comfy_multigpu.admission import Limits, admit, retry_after
-from comfy_multigpu.errors import ApiError, BODY_CHECKS, check_prompt_body, parse_json_object
+from comfy_multigpu.policy.admission import Limits, admit, retry_after
+from comfy_multigpu.policy.errors import ApiError, BODY_CHECKS, check_prompt_body, parse_json_object
 
 
 @pytest.mark.parametrize("body, fragment", [

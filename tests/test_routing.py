@@ -1,8 +1,8 @@
-"""Request routing rules (comfy_multigpu.routing): X-TARGET-GPU, X-GPU-POOL, X-PRIORITY and their
+"""Request routing rules (comfy_multigpu.policy.routing): X-TARGET-GPU, X-GPU-POOL, X-PRIORITY and their
 extra_data twins, read into where a prompt may run; pure, table-driven."""
 import pytest
 
-from comfy_multigpu.routing import RequestError, TargetError, parse_target, resolve
+from comfy_multigpu.policy.routing import RequestError, TargetError, parse_target, resolve
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from comfy_multigpu import weights
-from comfy_multigpu.eviction import BudgetError, CachedFile, choose_evictions, parse_ram_budget
-from comfy_multigpu.weights import PinCounts, WeightStore
+from comfy_multigpu.runtime import weights
+from comfy_multigpu.policy.eviction import BudgetError, CachedFile, choose_evictions, parse_ram_budget
+from comfy_multigpu.runtime.weights import PinCounts, WeightStore
 
 GIB = 1024 ** 3
 

@@ -15,8 +15,8 @@ from typing import Optional
 import aiohttp
 from aiohttp import web
 
-from ..errors import ApiError, parse_json_object
-from ..placement import prompt_models
+from ..policy.errors import ApiError, parse_json_object
+from ..policy.placement import prompt_models
 from .backends import Backend, poll_forever, watch_queue_events
 from .policy import choose_slot
 from .settings import BalancerSettings

@@ -1,13 +1,13 @@
 """Balancer policy (pure): the backend slots (one per GPU of a comfy-multigpu instance, one per stock
 instance) and which one a prompt goes to; the same rules as in-process placement
-(comfy_multigpu.placement.choose_least_loaded): healthy only, idle first, then the slot that has the
+(comfy_multigpu.policy.placement.choose_least_loaded): healthy only, idle first, then the slot that has the
 prompt's models, then the least weighted load."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from ..placement import WorkerLoad, choose_least_loaded
+from ..policy.placement import WorkerLoad, choose_least_loaded
 
 
 @dataclass(frozen=True)

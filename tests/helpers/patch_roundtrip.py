@@ -23,9 +23,9 @@ def main(comfyui_dir: str) -> dict:
     import main as comfy_main       # main.py as a module: its prompt_worker / get_progress_state
     import server
     import torch
-    from comfy_multigpu import patching
-    from comfy_multigpu.context import current_worker
-    from comfy_multigpu.pool import WorkerPool
+    from comfy_multigpu.host import patching
+    from comfy_multigpu.runtime.context import current_worker
+    from comfy_multigpu.runtime.pool import WorkerPool
 
     import comfy_api_nodes.util._helpers  # noqa: F401  (optional by-value targets, loaded as
     import comfy_extras.mesh3d.postprocess.remesh  # noqa: F401  ComfyUI does with its nodes)

@@ -21,8 +21,9 @@ def main(comfyui_dir: str, checkpoint: str) -> dict:
     import comfy.model_patcher
     import comfy.sd
     import comfy.utils
-    from comfy_multigpu import patching, weights
-    from comfy_multigpu.pool import WorkerPool
+    from comfy_multigpu.host import patching
+    from comfy_multigpu.runtime import weights
+    from comfy_multigpu.runtime.pool import WorkerPool
 
     out = {}
     template = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True,

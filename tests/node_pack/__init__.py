@@ -14,7 +14,7 @@ from comfy_execution.graph_utils import GraphBuilder
 
 def _worker_id():
     try:
-        from comfy_multigpu.context import worker
+        from comfy_multigpu.runtime.context import worker
     except ImportError:
         return None
     w = worker()
@@ -26,7 +26,7 @@ def _device_facts():
     facts = {"gpu": _worker_id(), "device": str(device), "thread": threading.current_thread().name,
              "all_devices": [str(d) for d in comfy.model_management.get_all_torch_devices()]}
     try:
-        from comfy_multigpu.context import worker
+        from comfy_multigpu.runtime.context import worker
         w = worker()
         facts["device_is_worker_device"] = w is not None and device is w.device
     except ImportError:
@@ -373,7 +373,7 @@ FAKE_FREE_MEMORY: dict = {}
 
 def _install_free_memory_fake():
     try:
-        from comfy_multigpu.worker import GpuWorker
+        from comfy_multigpu.runtime.worker import GpuWorker
     except ImportError:
         return
     original = GpuWorker.measure_free_memory

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from .pool import WorkerPool
+    from ..runtime.pool import WorkerPool
 
 logger = logging.getLogger("comfy_multigpu")
 

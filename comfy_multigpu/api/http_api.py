@@ -4,7 +4,7 @@
 Host objects touched: PromptServer.instance.app.middlewares (appended before the app freezes) and
 PromptServer.instance.routes (routes added before add_routes() also get their /api twin).
 Stock handlers still serve /prompt, /queue, /free, /history, /api/jobs*; the MultiQueue they call
-reads the request's target from comfy_multigpu.context.current_request.
+reads the request's target from comfy_multigpu.runtime.context.current_request.
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import admission, dashboard, errors, preload, routing
-from .context import RequestScope, current_request
-from .errors import ApiError
-from .multiqueue import DuplicatePrompt, MultiQueue
+from ..policy import admission, errors, routing
+from . import dashboard
+from ..runtime import preload
+from ..runtime.context import RequestScope, current_request
+from ..policy.errors import ApiError
+from ..host.prompt_queue import DuplicatePrompt, MultiQueue
 
 logger = logging.getLogger("comfy_multigpu")
 

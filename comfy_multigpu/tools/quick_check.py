@@ -1,5 +1,5 @@
 """End-to-end check of a running server (stdlib only): every worker up, one prompt per GPU completes
-on that GPU, /queue/all consistent. `python -m comfy_multigpu.quick_check --url URL`; exit 1 on failure.
+on that GPU, /queue/all consistent. `python -m comfy_multigpu.tools.quick_check --url URL`; exit 1 on failure.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model files read once and held once in CPU RAM for every worker (comfy_multigpu/weights.py).
+"""Model files read once and held once in CPU RAM for every worker (comfy_multigpu/runtime/weights.py).
 
 - Loaders (checkpoint, diffusion model, text encoders, VAE, ControlNet) hand out views of one shared
   template per file and options; LoRA files read through comfy.utils.load_torch_file are shared
@@ -16,7 +16,7 @@ import inspect
 import logging
 import os
 
-from .. import weights
+from ..runtime import weights
 
 logger = logging.getLogger("comfy_multigpu")
 

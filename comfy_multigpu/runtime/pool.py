@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
-from . import placement
-from .admission import Limits
-from .dashboard import Board
+from ..policy import placement
+from ..policy.admission import Limits
+from ..api.dashboard import Board
 from .heap import freeze_startup_objects, release_free_heap
 from .weights import PinCounts
 from .worker import GpuWorker

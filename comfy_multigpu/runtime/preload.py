@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 from . import weights
-from .errors import ApiError, bad_request
+from ..policy.errors import ApiError, bad_request
 
 logger = logging.getLogger("comfy_multigpu")
 

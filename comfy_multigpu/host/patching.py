@@ -4,7 +4,7 @@ Every patch names a target "module:attr.path", a factory "comfy_multigpu.x:make_
 factory(original, pool), the host shape it requires (an inspect.signature string and/or attribute
 names) and why it exists. Originals are read with vars(owner)[name], never getattr on a class, and
 kept in one registry so that revert() puts the identical objects back.
-Run `python -m comfy_multigpu.patching` to print docs/patches.md.
+Run `python -m comfy_multigpu.host.patching` to print docs/patches.md.
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def markdown(path: Path = MANIFEST) -> str:
     lines = [
         "# Patches applied to ComfyUI",
         "",
-        "Generated from `patches/manifest.toml` by `python -m comfy_multigpu.patching`; do not edit.",
+        "Generated from `patches/manifest.toml` by `python -m comfy_multigpu.host.patching`; do not edit.",
         f"Host: {host.name} >={host.min_version},<{host.below_version} (pinned commit `{host.commit}`).",
         "",
         "| id | target | kind | requires | why | evidence |",

@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-from . import admission, placement, routing
-from .context import current_request, request_target
-from .errors import ApiError
-from .pool import PendingPrompt, WorkerPool
+from ..policy import admission, placement, routing
+from ..runtime.context import current_request, request_target
+from ..policy.errors import ApiError
+from ..runtime.pool import PendingPrompt, WorkerPool
 
 
 class DuplicatePrompt(Exception):

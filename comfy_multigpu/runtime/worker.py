@@ -233,7 +233,7 @@ class GpuWorker:
         finally:
             self.pool.release_save_keys(self)
         if success:
-            from .placement import prompt_models
+            from ..policy.placement import prompt_models
             self.remember_models(prompt_models(item[2]))
         self.measure_free_memory()
         status = execution.PromptQueue.ExecutionStatus(
@@ -247,7 +247,7 @@ class GpuWorker:
 
     def report(self, prompt_id: str, status, run_s: float, extra_data, started_wall: float) -> None:
         """One greppable line per prompt (the seeds' per-GPU metric lines) and the Prometheus figures."""
-        from .metrics import outcome_of
+        from ..api.metrics import outcome_of
         outcome = outcome_of(status.status_str, status.messages)
         created = extra_data.get("create_time") if isinstance(extra_data, dict) else None
         wait_s = max(0.0, started_wall - created / 1000) if isinstance(created, (int, float)) else None

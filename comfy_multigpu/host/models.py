@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import time
 
-from ..context import current_worker
+from ..runtime.context import current_worker
 from .per_worker import per_worker
 
 

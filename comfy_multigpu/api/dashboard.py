@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .pool import WorkerPool
+    from ..runtime.pool import WorkerPool
 
 logger = logging.getLogger("comfy_multigpu")
 

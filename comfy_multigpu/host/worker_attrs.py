@@ -5,7 +5,7 @@ Host objects touched: server.PromptServer.instance (client_id, last_node_id, las
 """
 from __future__ import annotations
 
-from ..context import current_request, current_worker, request_target
+from ..runtime.context import current_request, current_worker, request_target
 
 
 class WorkerAttribute:

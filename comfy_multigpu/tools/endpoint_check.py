@@ -1,6 +1,6 @@
 """Every stock endpoint through every per-GPU port (Nginx), checking each lands on the port's GPU.
 
-    python -m comfy_multigpu.endpoint_check --host 127.0.0.1 --first-port 8181 --gpus 4 [--auto-port 8180]
+    python -m comfy_multigpu.tools.endpoint_check --host 127.0.0.1 --first-port 8181 --gpus 4 [--auto-port 8180]
 
 Safe on a production server: it queues one tiny preview prompt per port, deletes and interrupts
 only ids that do not exist, and uploads an 8x8 image named endpoint-check-<port>.png. Prints a table;

@@ -8,11 +8,11 @@ How it shares (docs/weights.md has the long form):
   and whose every Parameter / buffer is a new tensor object over the template's storage. A worker's
   LoRA patches, hooks and device moves replace its own tensor objects and never touch another's.
 - Writes into shared storage (ComfyUI's copy_to_param / weight_inplace_update) become copy-on-write
-  (hostpatches/sharing.py); a device that offloads points its tensors back at the shared CPU tensors.
+  (host/sharing.py); a device that offloads points its tensors back at the shared CPU tensors.
 - Single-flight: the first caller loads, concurrent callers for the same file wait for it.
 - Budget: over COMFY_MULTIGPU_RAM_CACHE, the least recently used files no view uses are dropped.
 
-Host objects touched: none directly (hostpatches/sharing.py calls in here).
+Host objects touched: none directly (host/sharing.py calls in here).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Optional
 
 from .context import current_worker
-from .eviction import CachedFile, choose_evictions
+from ..policy.eviction import CachedFile, choose_evictions
 
 logger = logging.getLogger("comfy_multigpu")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from ..context import current_worker
+from ..runtime.context import current_worker
 
 
 def per_worker(original: Callable, in_worker: Callable) -> Callable:
