@@ -19,7 +19,6 @@ from .policy.admission import Limits
 from .policy.config import ConfigError, Settings, resolve_settings
 from .policy.eviction import parse_ram_budget
 from .runtime.journal import Journal
-from .runtime.lifecycle import Drain
 from .api.metrics import Metrics
 from .runtime.pool import WorkerPool
 from .runtime.weights import WeightStore
@@ -35,7 +34,6 @@ class Extension:
     pool: WorkerPool
     patches: patching.PatchSet
     host_version: str
-    drain: Optional[Drain] = None
 
     @property
     def queue(self):
@@ -124,8 +122,10 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     srv.app[EXTENSION_KEY] = ext
     pool.start_hooks.append(lambda _server: _verify_in_place(ext))
     srv.loop.create_task(dashboard.publisher(pool))
-    ext.drain = Drain(pool, srv.loop, settings.drain_timeout)
-    ext.drain.install()
+    pool.drain_timeout_s = settings.drain_timeout
+    import signal   # TEMPORARY until the manifest's sigterm-drain entry installs it
+    from .runtime.lifecycle import make_sigterm_handler
+    signal.signal(signal.SIGTERM, make_sigterm_handler(signal.getsignal(signal.SIGTERM), pool))
 
     logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); DynamicVRAM off; %d patches applied: %s%s",
                 version, len(pool), ", ".join(settings.devices), settings.reason, len(applied),

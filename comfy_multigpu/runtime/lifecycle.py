@@ -2,36 +2,34 @@
 up to the drain timeout to finish, waiting ones stay in the journal, then ComfyUI stops the way it does
 on Ctrl-C (its own clean-up runs) and the process exits 0. A second SIGTERM stops at once.
 
-Host objects touched: the process's SIGTERM handler (signal.signal, main thread, at activation;
-`uninstall` puts the previous one back) and PromptServer.instance.loop (to stop it).
+Host objects touched: the process's SIGTERM handler, installed and reverted by the patch installer
+as the manifest's `sigterm-drain` entry (make_sigterm_handler), and PromptServer.instance.loop (to stop it).
 """
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 
 logger = logging.getLogger("comfy_multigpu")
 
 
+def make_sigterm_handler(original, pool):
+    """Factory for the manifest's `sigterm-drain` entry (kind "signal"): the handler that drains `pool`.
+    `original` is the handler it replaces (put back by the installer on revert)."""
+    return Drain(pool).on_sigterm
+
+
 class Drain:
-    def __init__(self, pool, loop, timeout_s: float):
+    def __init__(self, pool):
         self.pool = pool
-        self.loop = loop
-        self.timeout_s = timeout_s
-        self.previous = None
         self.done = threading.Event()
 
-    def install(self) -> None:
-        self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    @property
+    def timeout_s(self) -> float:
+        return self.pool.drain_timeout_s
 
-    def uninstall(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
-
-    def _on_sigterm(self, signum, frame) -> None:
+    def on_sigterm(self, signum, frame) -> None:
         if self.pool.draining:
             logger.warning("comfy-multigpu: second SIGTERM: stopping now")
             self._stop_loop()
@@ -60,4 +58,4 @@ class Drain:
     def _stop_loop(self) -> None:
         def stop():
             raise KeyboardInterrupt("comfy-multigpu drain finished")   # main.py's Ctrl-C path: clean exit
-        self.loop.call_soon_threadsafe(stop)
+        self.pool.server.loop.call_soon_threadsafe(stop)

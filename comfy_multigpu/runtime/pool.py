@@ -112,6 +112,7 @@ class WorkerPool:
         self.limits = Limits()
         self.draining = False                      # SIGTERM seen: start nothing new
         self.watchdog_s = 0.0
+        self.drain_timeout_s = 600.0               # SIGTERM: how long running prompts get
         self.mean_run_s = 0.0                      # moving average of prompt run time (Retry-After)
         # shared model weights (set by activation; None = every worker loads its own copy)
         self.weights = None                        # weights.WeightStore
