@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pinned_commit() -> str:
+    """The ComfyUI commit of patches/manifest.toml's [host] table, the one place it is written."""
+    return tomllib.loads((REPO / "patches" / "manifest.toml").read_text(encoding="utf-8"))["host"]["commit"]
+
+
 def comfyui_dir() -> Path:
     cache = Path(os.environ.get("COMFY_MULTIGPU_CACHE", Path.home() / ".cache" / "comfy-multigpu"))
-    return Path(os.environ.get("COMFYUI_DIR", cache / "comfyui-783545f689a0af730065994b46b382ae24844c99"))
+    return Path(os.environ.get("COMFYUI_DIR", cache / f"comfyui-{pinned_commit()}"))
 
 
 def write_section(name: str, text: str) -> None:

@@ -13,14 +13,16 @@ from typing import Mapping, Optional
 
 from aiohttp import web
 
-from .api import dashboard, http_api
+from .api import dashboard
+from .api import middleware as api_middleware
+from .api import routes as api_routes
 from .host import patching
 from .policy.admission import Limits
 from .policy.config import ConfigError, Settings, resolve_settings
 from .policy.eviction import parse_ram_budget
 from .runtime.journal import Journal
 from .api.metrics import Metrics
-from .runtime.pool import WorkerPool
+from .runtime.pool import PoolOptions, WorkerPool
 from .runtime.weights import WeightStore
 
 logger = logging.getLogger("comfy_multigpu")
@@ -51,11 +53,11 @@ def _machine() -> tuple[int, bool]:
 
 
 def activate_from_comfyui(env: Mapping[str, str] = os.environ) -> Optional[Extension]:
-    """Never raises: any failure leaves ComfyUI stock with one ERROR line."""
+    """Never raises: any failure leaves ComfyUI stock (every patch reverted) with one ERROR line."""
     try:
         return _activate(env)
     except Exception:
-        logger.exception("comfy-multigpu: activation failed; ComfyUI runs stock")
+        logger.exception("comfy-multigpu: activation failed before any patch was applied; ComfyUI runs stock")
         return None
 
 
@@ -95,37 +97,38 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
         return None
     specs = [s for s in specs if s.id not in skipped]
 
-    pool = WorkerPool(((torch.device(label), label) for label in settings.devices), settings.pools,
-                      settings.weights, settings.max_overtakes)
+    weights, weights_text = _weight_store(settings)
+    options = PoolOptions(settings.pools, settings.weights, settings.max_overtakes,
+                          Limits(settings.max_queue_per_gpu, settings.max_queue), settings.watchdog,
+                          settings.drain_timeout, settings.gc_freeze)
+    pool = WorkerPool(((torch.device(label), label) for label in settings.devices), options, weights=weights)
     patchset = patching.PatchSet(specs, pool)
     problems = patchset.problems()
     if problems:
         logger.error("comfy-multigpu: refusing to enable on ComfyUI %s: %s. ComfyUI runs stock; use a "
                      "comfy-multigpu release made for this ComfyUI.", version, "; ".join(problems))
         return None
-    applied = patchset.apply()
-
+    applied = patchset.apply()          # all or nothing: raises with nothing changed
     srv = server.PromptServer.instance
-    queue = srv.prompt_queue
-    pool.server = srv
-    pool.limits = Limits(settings.max_queue_per_gpu, settings.max_queue)
-    pool.watchdog_s = settings.watchdog
-    pool.gc_freeze = settings.gc_freeze
-    journal_text = _open_journal(settings, pool, queue)
-    weights_text = _weight_store(settings, pool)
-    pool.metrics = Metrics(pool)
-    if pool.weights is not None:
-        pool.weights.on_load = pool.metrics.file_load
-    srv.app.middlewares.append(http_api.make_middleware(queue))
-    http_api.add_routes(srv.routes, queue)
-    ext = Extension(settings, pool, patchset, version)
-    srv.app[EXTENSION_KEY] = ext
-    pool.start_hooks.append(lambda _server: _verify_in_place(ext))
-    srv.loop.create_task(dashboard.publisher(pool))
-    pool.drain_timeout_s = settings.drain_timeout
-    import signal   # TEMPORARY until the manifest's sigterm-drain entry installs it
-    from .runtime.lifecycle import make_sigterm_handler
-    signal.signal(signal.SIGTERM, make_sigterm_handler(signal.getsignal(signal.SIGTERM), pool))
+    wiring = _Wiring(srv)
+    try:
+        journal_text = _open_journal(settings, pool)
+        Metrics(pool)
+        queue = srv.prompt_queue
+        wiring.add_middleware(api_middleware.make_middleware(queue, api_routes.OVERRIDES))
+        wiring.add_routes(lambda routes: api_routes.add_routes(routes, queue))
+        ext = Extension(settings, pool, patchset, version)
+        srv.app[EXTENSION_KEY] = ext
+        pool.start_hooks.append(lambda _server: _verify_in_place(ext))
+        wiring.add_task(srv.loop.create_task(dashboard.publisher(pool)))
+    except BaseException:
+        wiring.undo()
+        kept = patchset.revert()
+        if pool.journal is not None:
+            pool.journal.close()
+        logger.exception("comfy-multigpu: activation failed after the patches were applied; all %d reverted "
+                         "(%d restored), ComfyUI runs stock", len(applied), len(kept))
+        return None
 
     logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); DynamicVRAM off; %d patches applied: %s%s",
                 version, len(pool), ", ".join(settings.devices), settings.reason, len(applied),
@@ -140,30 +143,63 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     return ext
 
 
-def _open_journal(settings: Settings, pool: WorkerPool, queue) -> str:
+def _open_journal(settings: Settings, pool: WorkerPool) -> str:
     """Open the prompt journal and put what it holds back (history; unfinished prompts into the queues)."""
     if settings.journal.lower() == "off":
         return "journal OFF (accepted prompts are lost on a crash)"
     import folder_paths
     path = settings.journal or os.path.join(folder_paths.get_user_directory(), "comfy-multigpu", "journal.sqlite3")
-    pool.journal = Journal(path)
-    history, requeued = queue.restore(pool.journal)
+    history, requeued = pool.attach_journal(Journal(path))
     if requeued:
         logger.warning("comfy-multigpu: journal: %d prompt(s) accepted before the last stop had not finished; "
                        "queued again", requeued)
     return f"journal {path} ({history} finished prompts in history, {requeued} queued again)"
 
 
-def _weight_store(settings: Settings, pool: WorkerPool) -> str:
+def _weight_store(settings: Settings) -> tuple[Optional[WeightStore], str]:
     """The shared RAM cache of model files (None when COMFY_MULTIGPU_RAM_CACHE=off)."""
     import psutil
     total = psutil.virtual_memory().total
     budget = parse_ram_budget(settings.ram_cache, total)
     if budget is None:
-        return "model weights NOT shared (COMFY_MULTIGPU_RAM_CACHE=off): every worker loads its own copy"
-    pool.weights = WeightStore(budget)
-    return (f"model weights shared by all workers; RAM cache budget {budget / 2 ** 30:.1f} GiB "
-            f"of {total / 2 ** 30:.1f} GiB")
+        return None, "model weights NOT shared (COMFY_MULTIGPU_RAM_CACHE=off): every worker loads its own copy"
+    return WeightStore(budget), (f"model weights shared by all workers; RAM cache budget "
+                                 f"{budget / 2 ** 30:.1f} GiB of {total / 2 ** 30:.1f} GiB")
+
+
+class _Wiring:
+    """What activation adds to ComfyUI's server besides the manifest's patches (our own middleware,
+    routes and event-loop task, through aiohttp's extension points), so that a failure can take it
+    all out again."""
+
+    def __init__(self, srv):
+        self.srv = srv
+        self.middlewares: list = []
+        self.route_count = 0
+        self.tasks: list = []
+
+    def add_middleware(self, middleware) -> None:
+        self.srv.app.middlewares.append(middleware)
+        self.middlewares.append(middleware)
+
+    def add_routes(self, register) -> None:
+        before = len(self.srv.routes)
+        register(self.srv.routes)
+        self.route_count = len(self.srv.routes) - before
+
+    def add_task(self, task) -> None:
+        self.tasks.append(task)
+
+    def undo(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for middleware in self.middlewares:
+            if middleware in self.srv.app.middlewares:
+                self.srv.app.middlewares.remove(middleware)
+        if self.route_count:
+            del self.srv.routes._items[-self.route_count:]      # RouteTableDef keeps them in a list
+        if self.srv.app.get(EXTENSION_KEY) is not None:
+            del self.srv.app[EXTENSION_KEY]
 
 
 def _pool_text(pools) -> str:

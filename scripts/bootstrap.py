@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,10 +21,10 @@ import venv
 from pathlib import Path
 from typing import NoReturn
 
-PINNED_COMMIT = "783545f689a0af730065994b46b382ae24844c99"
 DEFAULT_REPO = "https://github.com/comfyanonymous/ComfyUI"
 TORCH_PINS = ["torch==2.11.0", "torchvision==0.26.0", "torchaudio==2.11.0"]
 ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = ROOT / "patches" / "manifest.toml"
 LINK_NAME = "comfy-multigpu"
 
 
@@ -34,6 +35,20 @@ def fail(message: str) -> NoReturn:
 
 def log(message: str) -> None:
     print(f"comfy-multigpu setup: {message}", file=sys.stderr)
+
+
+def pinned_commit(manifest: Path = MANIFEST) -> str:
+    """The ComfyUI commit of the manifest's [host] table, the one place it is written (tomllib on
+    Python >= 3.11; on 3.10 a regex reads the table's `commit = "..."` line)."""
+    text = manifest.read_text(encoding="utf-8")
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        found = re.search(r'^\[host\][ \t]*\n(?:(?!\[).*\n)*?commit\s*=\s*"(\w+)"', text, re.M)
+        if not found:
+            fail(f'no commit = "..." line in the [host] table of {manifest}')
+        return found.group(1)
+    return tomllib.loads(text)["host"]["commit"]
 
 
 def cache_dir() -> Path:
@@ -54,23 +69,24 @@ def find_comfyui(cache: Path) -> Path:
         if not is_comfyui(path):
             fail(f"COMFYUI_DIR={given} is not a ComfyUI checkout (no main.py / comfyui_version.py)")
         return path
-    cached = cache / f"comfyui-{PINNED_COMMIT}"
+    pinned = pinned_commit()
+    cached = cache / f"comfyui-{pinned}"
     if is_comfyui(cached):
         return cached
     repo = os.environ.get("COMFYUI_REPO", DEFAULT_REPO)
-    log(f"cloning ComfyUI {PINNED_COMMIT[:7]} from {repo} into {cached}")
+    log(f"cloning ComfyUI {pinned[:7]} from {repo} into {cached}")
     tmp = cached.with_name(cached.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         subprocess.run(["git", "init", "-q", str(tmp)], check=True)
-        subprocess.run(["git", "-C", str(tmp), "fetch", "-q", "--depth", "1", repo, PINNED_COMMIT],
+        subprocess.run(["git", "-C", str(tmp), "fetch", "-q", "--depth", "1", repo, pinned],
                        check=True, timeout=900)
         subprocess.run(["git", "-C", str(tmp), "checkout", "-q", "FETCH_HEAD"], check=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as ex:
         shutil.rmtree(tmp, ignore_errors=True)
         fail(f"no ComfyUI found and cloning {repo} failed ({ex}).\n"
              f"  Set COMFYUI_DIR to an existing ComfyUI checkout, or COMFYUI_REPO to a reachable clone\n"
-             f"  URL, or place the pinned tree (commit {PINNED_COMMIT}) at {cached}\n"
+             f"  URL, or place the pinned tree (commit {pinned}) at {cached}\n"
              f"  (docs/development.md: how to bring it onto a machine without GitHub access).")
     tmp.rename(cached)
     return cached

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers.comfy_server import ComfyServer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-PINNED_COMMIT = "783545f689a0af730065994b46b382ae24844c99"
+from comfy_multigpu.host.patching import load_manifest  # noqa: E402
 
-# Patches whose absence the isolation tests must be able to see (tests/test_isolation.py).
-ISOLATION_PATCHES = ",".join([
-    "server-per-worker-attributes", "args-per-worker-preview-method", "interrupt-set", "interrupt-read",
-    "interrupt-throw", "interrupt-read-copy-api-nodes", "interrupt-throw-copy-remesh", "progress-get",
-    "progress-reset", "progress-get-copy-execution", "progress-reset-copy-execution",
-    "progress-get-copy-main", "progress-get-copy-api", "graph-prefix-set", "graph-prefix-alloc",
-    "seed-private-generator", "models-load", "models-free", "models-unload-all", "models-cleanup",
-    "models-cleanup-gc", "models-unload-clones", "models-list", "outputs-numbering", "outputs-node-end",
-    "ram-release-set", "ram-release-run", "device-current", "device-all"])
+REPO = Path(__file__).resolve().parents[1]
+PINNED_COMMIT = tomllib.loads((REPO / "patches" / "manifest.toml").read_text(encoding="utf-8"))["host"]["commit"]
+
+# Patches whose absence the isolation tests must be able to see (`isolation = true` in the manifest).
+ISOLATION_PATCHES = ",".join(s.id for s in load_manifest()[1] if s.isolation)
 
 
 def cache_dir() -> Path:

@@ -4,6 +4,7 @@ never written, and the file survives a reopen (as after kill -9)."""
 import sqlite3
 
 from comfy_multigpu.runtime.journal import Journal
+from comfy_multigpu.runtime.prompt import QueuedPrompt
 
 
 def item(prompt_id, number=1, secret=None):
@@ -11,12 +12,16 @@ def item(prompt_id, number=1, secret=None):
             {"api_key_comfy_org": secret} if secret else {})
 
 
+def queued(stock, target, pool):
+    return QueuedPrompt.from_stock(stock, target=target, pool=pool)
+
+
 def test_unfinished_and_finished_prompts_come_back_after_a_reopen(tmp_path):
     path = str(tmp_path / "j" / "journal.sqlite3")
     j = Journal(path)
-    j.accepted(item("a", 1), None, None)
-    j.accepted(item("b", 2, secret="sk-123"), 1, "fast")
-    j.accepted(item("c", 3), None, None)
+    j.accepted(queued(item("a", 1), None, None))
+    j.accepted(queued(item("b", 2, secret="sk-123"), 1, "fast"))
+    j.accepted(queued(item("c", 3), None, None))
     j.finished("a", 0, {"prompt": [1, "a"], "outputs": {"1": {"x": [1]}}, "status": {"status_str": "success"}})
     j.forget(["c"])
     del j                                    # no close: as if the process died
@@ -33,7 +38,7 @@ def test_unfinished_and_finished_prompts_come_back_after_a_reopen(tmp_path):
 def test_history_is_pruned_and_can_be_cleared(tmp_path):
     j = Journal(str(tmp_path / "journal.sqlite3"), keep_done=3)
     for i in range(600):
-        j.accepted(item(f"p{i}", i), None, None)
+        j.accepted(queued(item(f"p{i}", i), None, None))
         j.finished(f"p{i}", 0, {"prompt": [i]})
     assert [pid for pid, _ in j.history()] == ["p597", "p598", "p599"]
     j.forget_history()

@@ -1,25 +1,58 @@
-"""WorkerPool.take_next on a pool without threads or a server (its state set by hand): what a free
-worker starts when another worker is down, busy or draining. The real-server tests cover the rest."""
+"""The scheduler's take_next on a pool without threads or a server (its queues set by hand): what a
+free worker starts when another worker is down, busy or draining. The real-server tests cover the rest."""
 from comfy_multigpu.policy.placement import LOOKAHEAD
-from comfy_multigpu.runtime.pool import PendingPrompt, WorkerPool
+from comfy_multigpu.runtime.pool import PoolOptions, WorkerPool
+from comfy_multigpu.runtime.prompt import ExecutionStatus, QueuedPrompt
+
+
+class Pool:
+    """A WorkerPool without threads, and the calls of the tests below on its scheduler."""
+
+    def __init__(self, n):
+        self.pool = WorkerPool([("cpu", "cpu")] * n, PoolOptions(), host=object())
+        self.workers = self.pool.workers
+        self.scheduler = self.pool.scheduler
+        for w in self.workers:
+            w.started.set()
+            w.up = True
+
+    def take_next(self, worker):
+        """What `worker` starts next; the prompt it started before (if any) ends first."""
+        previous = self.scheduler._slots[worker.gpu_id].lease
+        if previous is not None:
+            self.scheduler.finish(previous, {}, ExecutionStatus("success", True, []))
+        lease = self.scheduler.take_next(worker.gpu_id)
+        return None if lease is None else (lease.prompt.stock(), lease.lease_id)
+
+    def startable(self, worker):
+        return self.scheduler._startable(worker.gpu_id)
+
+    def locate(self, prompt_id):
+        return self.scheduler.locate(prompt_id)
+
+    def delete(self, prompt_id):
+        self.scheduler.cancel(lambda p: p.prompt_id == prompt_id)
+
+    def pending_ids(self, gpu):
+        return [entry[1] for entry in self.scheduler._slots[gpu].pending]
+
+    def pinned_heap(self, gpu):
+        return self.scheduler._slots[gpu].pinned
 
 
 def pool_of(n):
-    pool = WorkerPool([("cpu", "cpu")] * n)
-    for w in pool.workers:
-        w.started.set()
-        w.up = True
-    return pool
+    return Pool(n)
 
 
 def queue(pool, gpu, prompt_id, number, movable=True, models=frozenset(), eligible=None):
-    pool.pending[prompt_id] = PendingPrompt(frozenset(models), movable, eligible, number)
-    with pool.mutex:
-        pool.workers[gpu].push((number, prompt_id, {}, {}, [], {}), pinned=not movable)
+    prompt = QueuedPrompt(number, prompt_id, {}, {}, [], target=None if movable else gpu,
+                          eligible=eligible, models=frozenset(models))
+    with pool.scheduler._lock:
+        pool.scheduler._push(gpu, prompt)      # into this GPU's queue, whatever placement would choose
 
 
 def busy(pool, gpu):
-    pool.workers[gpu].running[10_000 + gpu] = (0, f"running-{gpu}", {}, {}, [], {})
+    pool.scheduler.lease_workers(QueuedPrompt(0, f"running-{gpu}", {}, {}, []), [gpu])
 
 
 def test_a_down_workers_waiting_auto_prompts_go_to_a_healthy_one_but_its_pinned_ones_wait():
@@ -30,7 +63,7 @@ def test_a_down_workers_waiting_auto_prompts_go_to_a_healthy_one_but_its_pinned_
     item, _ = pool.take_next(pool.workers[0])
     assert item[1] == "auto"
     assert pool.take_next(pool.workers[0]) is None  # the pinned prompt waits for GPU 1
-    assert [i[1] for i in pool.workers[1].pending] == ["pinned"]
+    assert pool.pending_ids(1) == ["pinned"]
 
 
 def test_an_idle_workers_own_queue_is_left_to_it():
@@ -43,9 +76,9 @@ def test_an_idle_workers_own_queue_is_left_to_it():
 def test_nothing_starts_while_draining():
     pool = pool_of(1)
     queue(pool, 0, "a", 1)
-    pool.draining = True
+    pool.scheduler.start_draining()
     assert pool.take_next(pool.workers[0]) is None
-    pool.draining = False
+    pool.scheduler.stop_draining()
     assert pool.take_next(pool.workers[0])[0][1] == "a"
     assert pool.locate("a") == ("running", 0, 1)
 
@@ -54,7 +87,7 @@ def test_with_thousands_waiting_a_free_worker_looks_at_the_first_lookahead_promp
     """Affinity may start a later prompt whose model the worker ran last, but only among the first
     LOOKAHEAD it may run: a free worker's choice costs the same with 5,000 prompts waiting."""
     pool = pool_of(2)
-    pool.max_overtakes = 10_000
+    pool.scheduler.max_overtakes = 10_000
     busy(pool, 1)
     for i in range(5000):
         queue(pool, 1, f"a{i}", i + 1, models={"ckpt_name:a"})
@@ -84,13 +117,12 @@ def test_pinned_prompts_keep_their_order_and_deleted_ones_are_skipped():
     pool = pool_of(1)
     for n in (5, 3, 9, 7):
         queue(pool, 0, f"p{n}", n, movable=False)
-    pool.forget_pending("p7")                                        # deleted from the queue
-    pool.workers[0].pending = [i for i in pool.workers[0].pending if i[1] != "p7"]
+    pool.delete("p7")                                                # deleted from the queue
     started = []
     while (job := pool.take_next(pool.workers[0])) is not None:
         started.append(job[0][1])
     assert started == ["p3", "p5", "p9"]
-    assert pool.workers[0].pinned == []
+    assert pool.pinned_heap(0) == []
 
 
 def test_a_resubmitted_pinned_prompt_id_takes_its_new_place():
@@ -98,8 +130,7 @@ def test_a_resubmitted_pinned_prompt_id_takes_its_new_place():
     pool = pool_of(1)
     queue(pool, 0, "again", 1, movable=False)
     queue(pool, 0, "other", 2, movable=False)
-    pool.forget_pending("again")
-    pool.workers[0].pending = [i for i in pool.workers[0].pending if i[1] != "again"]
+    pool.delete("again")
     queue(pool, 0, "again", 3, movable=False)
     assert [pool.take_next(pool.workers[0])[0][1] for _ in range(2)] == ["other", "again"]
 
@@ -107,7 +138,7 @@ def test_a_resubmitted_pinned_prompt_id_takes_its_new_place():
 def test_a_heap_is_read_in_queue_order_without_changing_it():
     import heapq
     import random
-    from comfy_multigpu.runtime.pool import heap_in_order
+    from comfy_multigpu.runtime.startable import heap_in_order
     rng = random.Random(7)
     heap = []
     for i in range(500):

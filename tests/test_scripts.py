@@ -1,6 +1,8 @@
 """The README's commands and the scripts: start_multi_gpu.sh starts a real multi-worker server
 (extra arguments reach main.py), quick_test.sh checks it, bootstrap fails with a clear message
-when no ComfyUI can be found, and every shell script is clean under shellcheck when it is present."""
+when no ComfyUI can be found, stop_multi_gpu.sh stops only the server of $PORT (or every one with
+--all) and never signals a process that is not that ComfyUI, and every shell script is clean under
+shellcheck when it is present."""
 import os
 import shutil
 import sys
@@ -67,7 +69,7 @@ def test_stop_script_never_signals_a_process_that_is_not_our_comfyui(tmp_path):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
         (run_dir / "comfyui-8799.pid").write_text(str(bystander.pid))
-        env = dict(os.environ, COMFY_MULTIGPU_CACHE=str(tmp_path))
+        env = dict(os.environ, COMFY_MULTIGPU_CACHE=str(tmp_path), PORT="8799")
         stop = subprocess.run([str(REPO / "scripts/stop_multi_gpu.sh")], env=env, capture_output=True, text=True,
                               timeout=30)
         assert stop.returncode == 0
@@ -140,3 +142,92 @@ def test_stop_script_kills_a_server_that_ignores_sigterm_after_the_timeout(tmp_p
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def _fake_comfyui(tmp_path, port):
+    """A process that looks like the ComfyUI start_multi_gpu.sh exec's (main.py --port PORT), and its
+    pid file in tmp_path/run, as the start script writes it."""
+    fake = tmp_path / "main.py"
+    fake.write_text("import time\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    server = subprocess.Popen([sys.executable, str(fake), "--listen", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / f"comfyui-{port}.pid").write_text(f"{server.pid}\n")
+    return server
+
+
+def _stop(tmp_path, *args, port=None):
+    """Run stop_multi_gpu.sh on tmp_path's pid files, with PORT=port (unset when None)."""
+    env = {k: v for k, v in os.environ.items() if k != "PORT"}
+    env.update(COMFY_MULTIGPU_CACHE=str(tmp_path), STOP_TIMEOUT="10", **({"PORT": port} if port else {}))
+    return subprocess.run([str(REPO / "scripts/stop_multi_gpu.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def _end(*procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_stop_script_with_PORT_stops_that_server_and_leaves_the_other_ports_alone(tmp_path):
+    mine, other = _fake_comfyui(tmp_path, 8795), _fake_comfyui(tmp_path, 8796)
+    try:
+        stop = _stop(tmp_path, port="8795")
+        assert stop.returncode == 0, stop.stderr
+        assert f"port 8795: stopped pid {mine.pid}" in stop.stdout
+        assert mine.wait(10) == -signal.SIGTERM
+        assert not (tmp_path / "run" / "comfyui-8795.pid").exists()
+        assert other.poll() is None
+        assert (tmp_path / "run" / "comfyui-8796.pid").read_text().strip() == str(other.pid)
+    finally:
+        _end(mine, other)
+
+
+def test_stop_script_without_PORT_stops_only_the_default_port_8188(tmp_path):
+    other = _fake_comfyui(tmp_path, 8794)
+    try:
+        stop = _stop(tmp_path)
+        assert stop.returncode == 0
+        assert "comfyui-8188.pid" in stop.stderr
+        assert other.poll() is None
+        assert (tmp_path / "run" / "comfyui-8794.pid").exists()
+    finally:
+        _end(other)
+
+
+def test_stop_script_never_signals_a_comfyui_of_another_port_named_by_a_stale_pid_file(tmp_path):
+    other = _fake_comfyui(tmp_path, 8792)
+    try:
+        (tmp_path / "run" / "comfyui-8793.pid").write_text(str(other.pid))
+        stop = _stop(tmp_path, "8793")
+        assert stop.returncode == 0
+        assert "not our ComfyUI" in stop.stderr and "nothing signalled" in stop.stderr
+        assert other.poll() is None
+        assert not (tmp_path / "run" / "comfyui-8793.pid").exists()
+    finally:
+        _end(other)
+
+
+def test_stop_script_all_stops_every_server_and_only_removes_stale_pid_files(tmp_path):
+    server = _fake_comfyui(tmp_path, 8791)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "run" / "comfyui-8790.pid").write_text(str(bystander.pid))
+        stop = _stop(tmp_path, "--all", port="8188")
+        assert stop.returncode == 0, stop.stderr
+        assert f"port 8791: stopped pid {server.pid}" in stop.stdout
+        assert server.wait(10) == -signal.SIGTERM
+        assert "port 8790: pid" in stop.stderr and "not our ComfyUI" in stop.stderr
+        assert bystander.poll() is None
+        assert list((tmp_path / "run").iterdir()) == []
+    finally:
+        _end(server, bystander)
+
+
+def test_stop_script_refuses_an_argument_that_is_not_a_port(tmp_path):
+    stop = _stop(tmp_path, "all")
+    assert stop.returncode == 2
+    assert "'all' is not a port number" in stop.stderr and "--all" in stop.stderr

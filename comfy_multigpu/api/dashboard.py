@@ -11,10 +11,11 @@ Host objects touched: PromptServer.instance.sockets / send (through the pool's s
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from typing import TYPE_CHECKING
+
+
 
 if TYPE_CHECKING:
     from ..runtime.pool import WorkerPool
@@ -22,49 +23,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("comfy_multigpu")
 
 PUSH_INTERVAL_S = 0.25
-THROUGHPUT_WINDOW_S = 60.0
-
-
-class Board:
-    """Subscribers, the dirty flag, recent completions and live progress of each GPU."""
-
-    def __init__(self):
-        self.subscribers: set[str] = set()
-        self.dirty = True
-        self.finished: dict[int, collections.deque] = collections.defaultdict(collections.deque)
-        self.progress: dict[int, dict] = {}       # gpu -> {"prompt_id", "node", "value", "max"}
-
-    def touch(self) -> None:
-        self.dirty = True                         # plain store: safe from any thread
-
-    def note_event(self, gpu: int, event: str, data) -> None:
-        """A worker's WebSocket event (progress / executing): keep what the cards show."""
-        if not isinstance(data, dict):
-            return
-        if event == "executing":
-            if data.get("node") is None:
-                self.progress.pop(gpu, None)
-            else:
-                self.progress[gpu] = {"prompt_id": data.get("prompt_id"), "node": data.get("node"),
-                                      "value": 0, "max": 0}
-        elif event == "progress":
-            self.progress[gpu] = {"prompt_id": data.get("prompt_id"), "node": data.get("node"),
-                                  "value": data.get("value", 0), "max": data.get("max", 0)}
-        self.touch()
-
-    def note_finished(self, gpu: int) -> None:
-        now = time.monotonic()
-        done = self.finished[gpu]
-        done.append(now)
-        while done and now - done[0] > THROUGHPUT_WINDOW_S:
-            done.popleft()
-        self.progress.pop(gpu, None)
-        self.touch()
-
-    def per_minute(self, gpu: int) -> float:
-        now = time.monotonic()
-        done = self.finished.get(gpu, ())
-        return sum(1 for t in done if now - t <= THROUGHPUT_WINDOW_S) * 60.0 / THROUGHPUT_WINDOW_S
 
 
 def card_state(up: bool, healthy: bool, running: int, pending: int, cap: int) -> str:
@@ -82,30 +40,27 @@ def card_state(up: bool, healthy: bool, running: int, pending: int, cap: int) ->
 
 def snapshot(pool: "WorkerPool") -> dict:
     board = pool.board
-    cap = pool.limits.per_gpu
-    with pool.mutex:
-        rows = []
-        for w in pool.workers:
-            running = [item[1] for item in w.running.values()]
-            graphs = [item[2] for item in w.running.values()]
-            rows.append((w, running, graphs, len(w.pending), not w.down, not w.unhealthy, list(w.recent_models())))
+    cap = pool.scheduler.limits.per_gpu
+    snap = pool.scheduler.snapshot()
     cards = []
-    for w, running, graphs, pending, up, healthy, models in rows:
+    for w, q in zip(pool.workers, snap.gpus):
+        running = q.running
         progress = dict(board.progress.get(w.gpu_id, {})) or None
-        if progress and graphs and isinstance(graphs[0], dict):
-            node = graphs[0].get(str(progress.get("node")))
+        if progress and running and isinstance(running[0].prompt, dict):
+            node = running[0].prompt.get(str(progress.get("node")))
             progress["node_type"] = node.get("class_type") if isinstance(node, dict) else None
         cards.append({"gpu_id": w.gpu_id, "device": w.label,
-                      "state": card_state(up, healthy, len(running), pending, cap),
-                      "running": running[0] if running else None,
+                      "state": card_state(not w.down, not q.unhealthy, len(running), q.pending_count, cap),
+                      "running": running[0].prompt_id if running else None,
                       "progress": progress,
-                      "pending": pending, "models": models[-4:], "memory": _memory(w.device_memory()),
+                      "pending": q.pending_count, "models": list(w.recent_models())[-4:],
+                      "memory": _memory(w.device_memory()),
                       "per_minute": round(board.per_minute(w.gpu_id), 2), "restarts": w.restarts})
     return {"gpus": cards, "pools": {k: list(v) for k, v in pool.pools.items()},
             "totals": {"running": sum(1 for c in cards if c["running"]), "pending": sum(c["pending"] for c in cards),
                        "per_minute": round(sum(c["per_minute"] for c in cards), 2),
                        "gpus_up": sum(1 for c in cards if c["state"] != "down")},
-            "draining": pool.draining, "time": time.time()}
+            "draining": snap.draining, "time": time.time()}
 
 
 def _memory(reading) -> dict | None:

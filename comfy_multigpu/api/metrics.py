@@ -23,15 +23,6 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 6
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
-def outcome_of(status_str: str, messages) -> str:
-    """success | interrupted | error, from a prompt's history status."""
-    if status_str == "success":
-        return "success"
-    if any(m and m[0] == "execution_interrupted" for m in messages or ()):
-        return "interrupted"
-    return "error"
-
-
 class PoolCollector:
     """Gauges read from the pool at scrape time."""
 
@@ -47,9 +38,9 @@ class PoolCollector:
                                     labels=["gpu"])
         restarts = CounterMetricFamily(f"{PREFIX}_worker_restarts", "times a worker loop died and restarted",
                                        labels=["gpu"])
-        with pool.mutex:
-            rows = [(str(w.gpu_id), len(w.pending), len(w.running), not w.down, not w.unhealthy, w.restarts, w)
-                    for w in pool.workers]
+        snap = pool.scheduler.snapshot()
+        rows = [(str(w.gpu_id), q.pending_count, len(q.running), not w.down, not q.unhealthy, w.restarts, w)
+                for w, q in zip(pool.workers, snap.gpus)]
         for gpu, pending, run, is_up, is_healthy, restart_count, _ in rows:
             depth.add_metric([gpu], pending)
             running.add_metric([gpu], run)

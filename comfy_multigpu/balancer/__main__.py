@@ -6,7 +6,8 @@ import sys
 
 from aiohttp import web
 
-from .app import Balancer
+from .app import make_app
+from .dispatch import Balancer
 from .settings import SettingsError, resolve
 
 
@@ -18,7 +19,7 @@ def main(argv=None) -> int:
         print(f"comfy-multigpu balancer: {ex}", file=sys.stderr)
         return 2
     balancer = Balancer(settings)
-    web.run_app(balancer.make_app(), host=settings.host, port=settings.port, print=None,
+    web.run_app(make_app(balancer), host=settings.host, port=settings.port, print=None,
                 access_log=None, shutdown_timeout=5)
     return 0
 

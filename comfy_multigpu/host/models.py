@@ -31,8 +31,8 @@ def make_load_models_gpu(original, pool):
                     if id(loaded.model) in wanted:
                         worker.note_loaded(loaded)
                 new = sum(1 for m in models if id(m) not in before)
-                if new and pool.metrics is not None:
-                    pool.metrics.device_load(worker.gpu_id, elapsed, new)
+                if new:
+                    pool.note_device_load(worker.gpu_id, elapsed, new)
             return result
     return load_models_gpu
 

@@ -15,7 +15,7 @@ from .per_worker import per_worker
 def make_get_save_image_path(original, pool):
     def numbered(worker, filename_prefix, output_dir, image_width=0, image_height=0):
         folder, filename = original(filename_prefix, output_dir, image_width, image_height)[:2]
-        pool.reserve_save_key(worker, (folder, filename))
+        pool.save_names.reserve(worker.gpu_id, (folder, filename))
         # Counted again now that no other worker is writing files under this name.
         return original(filename_prefix, output_dir, image_width, image_height)
     return per_worker(original, numbered)
@@ -28,6 +28,6 @@ def make_execute_node(original, pool):
             return await original(*args, **kwargs)
         finally:
             worker = current_worker.get()
-            if worker is not None and worker.save_keys:
-                pool.release_save_keys(worker)
+            if worker is not None and pool.save_names.holds_any(worker.gpu_id):
+                pool.save_names.release(worker.gpu_id)
     return execute

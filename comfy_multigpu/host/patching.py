@@ -1,22 +1,29 @@
 """The one place that changes the host: loads patches/manifest.toml, checks shapes, applies, reverts.
 
-Every patch names a target "module:attr.path", a factory "comfy_multigpu.x:make_y" called as
-factory(original, pool), the host shape it requires (an inspect.signature string and/or attribute
-names) and why it exists. Originals are read with vars(owner)[name], never getattr on a class, and
-kept in one registry so that revert() puts the identical objects back.
+Every patch names a target ("module:attr.path", or "signal:SIGNAME" for a process signal handler), a
+factory "comfy_multigpu.x:make_y" called as factory(original, pool), the host shape it requires (an
+inspect.signature string and/or attribute names) and why it exists. Originals are read with
+vars(owner)[name] (never getattr on a class), type(obj) or signal.getsignal, and kept in one registry
+so that revert() puts the identical objects back, but only where our replacement is still in place:
+a target something else replaced since is left as it is (one WARNING line).
 Run `python -m comfy_multigpu.host.patching` to print docs/patches.md.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import sys
+import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-MANIFEST = Path(__file__).resolve().parent.parent / "patches" / "manifest.toml"
+MANIFEST = Path(__file__).resolve().parents[2] / "patches" / "manifest.toml"   # repo root
+KINDS = ("attr", "class", "signal")
+
+logger = logging.getLogger("comfy_multigpu")
 
 
 class HostMismatch(RuntimeError):
@@ -38,10 +45,13 @@ class PatchSpec:
     factory: str
     why: str
     evidence: str
-    kind: str = "attr"                 # "attr": replace the attribute; "class": swap obj.__class__
+    kind: str = "attr"                 # "attr": replace the attribute; "class": swap obj.__class__;
+                                       # "signal": install a handler ("signal:SIGTERM"), main thread only
     signature: Optional[str] = None    # str(inspect.signature(original)) this patch was written for
     requires_attrs: tuple[str, ...] = ()
     optional: bool = False             # the target module may not be loaded (skipped then)
+    isolation: bool = False            # makes per-process state per worker (tests/test_isolation.py
+                                       # leaves these out to show the defect they prevent)
 
     @property
     def module_name(self) -> str:
@@ -51,8 +61,8 @@ class PatchSpec:
 @dataclass
 class Applied:
     spec: PatchSpec
-    owner: Any
-    attr: str
+    owner: Any          # kind attr: the object holding attr; class: the instance; signal: the signal module
+    attr: str           # kind attr: the attribute name; class: "__class__"; signal: the signal name
     original: Any
     replacement: Any
 
@@ -68,7 +78,10 @@ def load_manifest(path: Path = MANIFEST) -> tuple[HostSpec, list[PatchSpec]]:
     for entry in data["patch"]:
         entry = dict(entry)
         entry["requires_attrs"] = tuple(entry.get("requires_attrs", ()))
-        specs.append(PatchSpec(**entry))
+        spec = PatchSpec(**entry)
+        if spec.kind not in KINDS:
+            raise ValueError(f"{path}: patch {spec.id} has kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
+        specs.append(spec)
     ids = [s.id for s in specs]
     if len(ids) != len(set(ids)):
         raise ValueError(f"duplicate patch ids in {path}")
@@ -93,14 +106,36 @@ def _unwrap(obj):
     return obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
 
 
+def _read(kind: str, owner: Any, attr: str) -> Any:
+    """What the target holds now (None for an attribute that is gone)."""
+    if kind == "class":
+        return type(owner)
+    if kind == "signal":
+        return owner.getsignal(getattr(owner, attr))
+    return vars(owner).get(attr)
+
+
+def _write(kind: str, owner: Any, attr: str, value: Any) -> None:
+    """The only place that changes the host."""
+    if kind == "signal":
+        owner.signal(getattr(owner, attr), value)
+    else:
+        setattr(owner, attr, value)     # attr is "__class__" for kind "class"
+
+
 class PatchSet:
-    """Applies a manifest's patches all or nothing, keeps originals, reverts them exactly."""
+    """Applies a manifest's patches all or nothing, keeps originals, reverts them exactly.
+
+    A "signal" patch must be applied and reverted in the main thread (a rule of the signal module);
+    check() refuses it elsewhere.
+    """
 
     def __init__(self, specs: list[PatchSpec], pool, modules: Optional[Mapping[str, Any]] = None):
         self.specs = specs
         self.pool = pool
         self.modules = modules if modules is not None else sys.modules
         self.applied: list[Applied] = []
+        self.kept_foreign: list[str] = []   # ids the last revert()/rollback left alone (target replaced since)
 
     # ---- resolution and guards -------------------------------------------------------------
     def _module(self, spec: PatchSpec):
@@ -110,7 +145,8 @@ class PatchSet:
         return module
 
     def resolve(self, spec: PatchSpec) -> Optional[tuple[Any, str, Any]]:
-        """(owner, attribute, original) for a spec, None for an absent optional module."""
+        """(owner, attribute, what the target holds now) for a spec, None for an absent optional module.
+        Kind "class": (the instance, "__class__", its type); "signal": (the signal module, "SIGTERM", handler)."""
         module = self._module(spec)
         if module is None:
             if spec.optional:
@@ -124,6 +160,14 @@ class PatchSet:
             except AttributeError:
                 raise HostMismatch(f"patch {spec.id}: {spec.target} not found ({part!r} missing)") from None
         name = path[-1]
+        if spec.kind == "signal":
+            if not isinstance(getattr(owner, name, None), int) or not hasattr(owner, "getsignal"):
+                raise HostMismatch(f"patch {spec.id}: {spec.target} is not a signal of this platform")
+            original = _read("signal", owner, name)
+            if original is None:
+                raise HostMismatch(f"patch {spec.id}: the {name} handler was not installed from Python, so it "
+                                   f"could not be put back; leave {name} alone or drop this patch")
+            return owner, name, original
         if spec.kind == "class":
             try:
                 obj = getattr(owner, name)
@@ -137,6 +181,9 @@ class PatchSet:
         return owner, name, original
 
     def check(self, spec: PatchSpec, owner: Any, original: Any) -> None:
+        if spec.kind == "signal" and threading.current_thread() is not threading.main_thread():
+            raise HostMismatch(f"patch {spec.id}: {spec.target} can only be installed from the main thread, "
+                               f"not {threading.current_thread().name}; activate from the main thread")
         if spec.signature is not None:
             try:
                 found = str(inspect.signature(_unwrap(original)))
@@ -182,26 +229,42 @@ class PatchSet:
         try:
             for spec, owner, attr, original in plan:
                 replacement = _import_attr(spec.factory)(original, self.pool)
-                setattr(owner, attr, replacement)
+                _write(spec.kind, owner, attr, replacement)
                 done.append(Applied(spec, owner, attr, original, replacement))
         except BaseException:
+            self.kept_foreign = []
             for a in reversed(done):
-                setattr(a.owner, a.attr, a.original)
+                self._restore(a)
             raise
         self.applied.extend(done)
         return [a.spec.id for a in done]
 
     def revert(self) -> list[str]:
-        reverted = []
-        for a in reversed(self.applied):
-            setattr(a.owner, a.attr, a.original)
-            reverted.append(a.spec.id)
+        """Put the originals back, last applied first, and forget every record.
+
+        Returns the ids restored. A target that no longer holds our replacement (something wrapped or
+        replaced it since) is left as it is, with one WARNING line; those ids are in self.kept_foreign
+        afterwards (reset by each revert).
+        """
+        self.kept_foreign = []
+        reverted = [a.spec.id for a in reversed(self.applied) if self._restore(a)]
         self.applied.clear()
         return reverted
 
+    def _restore(self, a: Applied) -> bool:
+        """The original back if the target still holds our replacement; else keep the newcomer (False)."""
+        now = self.current(a)
+        if now is not a.replacement:
+            logger.warning("comfy-multigpu: revert: patch %s left as it is: %s now holds %r, not our "
+                           "replacement (something else replaced it after us)", a.spec.id, a.spec.target, now)
+            self.kept_foreign.append(a.spec.id)
+            return False
+        _write(a.spec.kind, a.owner, a.attr, a.original)
+        return True
+
     @staticmethod
     def current(a: Applied) -> Any:
-        return type(a.owner) if a.attr == "__class__" else vars(a.owner).get(a.attr)
+        return _read(a.spec.kind, a.owner, a.attr)
 
     def not_in_place(self) -> list[str]:
         """Ids of applied patches whose target no longer holds our replacement."""
@@ -223,15 +286,20 @@ def markdown(path: Path = MANIFEST) -> str:
         "Generated from `patches/manifest.toml` by `python -m comfy_multigpu.host.patching`; do not edit.",
         f"Host: {host.name} >={host.min_version},<{host.below_version} (pinned commit `{host.commit}`).",
         "",
-        "| id | target | kind | requires | why | evidence |",
-        "|---|---|---|---|---|---|",
+        "isolation = yes: the patch turns state ComfyUI keeps once per process into state per worker; "
+        "tests/test_isolation.py leaves these out to show the defect each one prevents.",
+        "",
+        "| id | target | kind | isolation | requires | why | evidence |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in specs:
         requires = s.signature or ""
         if s.requires_attrs:
             requires = (requires + " " if requires else "") + "attrs: " + ", ".join(s.requires_attrs)
         opt = " (optional)" if s.optional else ""
-        lines.append(f"| `{s.id}` | `{s.target}`{opt} | {s.kind} | `{requires}` | {s.why} | {s.evidence} |")
+        iso = "yes" if s.isolation else ""
+        requires = f"`{requires}`" if requires else ""
+        lines.append(f"| `{s.id}` | `{s.target}`{opt} | {s.kind} | {iso} | {requires} | {s.why} | {s.evidence} |")
     return "\n".join(lines) + "\n"
 
 

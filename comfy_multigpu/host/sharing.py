@@ -16,7 +16,7 @@ import inspect
 import logging
 import os
 
-from ..runtime import weights
+from ..runtime import weight_views, weights
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -148,12 +148,12 @@ def make_unpatch_model(original, pool):
     @functools.wraps(original)
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         sharing = pool.weights is not None and unpatch_weights and _is_cpu(device_to) \
-            and weights.shared_sources(self.model) is not None
+            and weight_views.shared_sources(self.model) is not None
         if sharing and not getattr(self.model, "model_lowvram", False):
-            weights.repoint_to_shared(self.model, skip=set(self.backup))
+            weight_views.repoint_to_shared(self.model, skip=set(self.backup))
         result = original(self, device_to, unpatch_weights)
         if sharing:
-            weights.repoint_to_shared(self.model, only_on="cpu")
+            weight_views.repoint_to_shared(self.model, only_on="cpu")
         return result
     return unpatch_model
 
@@ -163,8 +163,8 @@ def make_partially_unload(original, pool):
     @functools.wraps(original)
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         result = original(self, device_to, memory_to_free, force_patch_weights)
-        if pool.weights is not None and _is_cpu(device_to) and weights.shared_sources(self.model) is not None:
-            weights.repoint_to_shared(self.model, skip=set(self.backup), only_on="cpu")
+        if pool.weights is not None and _is_cpu(device_to) and weight_views.shared_sources(self.model) is not None:
+            weight_views.repoint_to_shared(self.model, skip=set(self.backup), only_on="cpu")
         return result
     return partially_unload
 

@@ -69,14 +69,16 @@ class Journal:
             self.db.close()
 
     # ---- writes ----------------------------------------------------------------------------
-    def accepted(self, item: tuple, target: Optional[int], pool: Optional[str]) -> None:
-        """Before POST /prompt answers. item is the stock 6-tuple; its sensitive part is left out."""
-        data = json.dumps([item[2], item[3], item[4]], default=str)
+    def accepted(self, prompt) -> None:
+        """Before POST /prompt answers. `prompt` is a runtime.prompt.QueuedPrompt; its sensitive part
+        is left out."""
+        data = json.dumps([prompt.prompt, prompt.extra_data, prompt.outputs], default=str)
         with self.lock:
             self._seq += 1
             self.db.execute("INSERT OR REPLACE INTO prompts (prompt_id, seq, state, number, target, pool, item, "
                             "accepted) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                            (item[1], self._seq, float(item[0]), target, pool, data, time.time()))
+                            (prompt.prompt_id, self._seq, float(prompt.number), prompt.target, prompt.pool, data,
+                             time.time()))
 
     def finished(self, prompt_id: str, gpu_id: int, entry: dict) -> None:
         with self.lock:

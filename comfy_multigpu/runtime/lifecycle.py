@@ -30,22 +30,21 @@ class Drain:
         return self.pool.drain_timeout_s
 
     def on_sigterm(self, signum, frame) -> None:
-        if self.pool.draining:
+        if not self.pool.scheduler.start_draining():
             logger.warning("comfy-multigpu: second SIGTERM: stopping now")
             self._stop_loop()
             return
-        self.pool.draining = True
         logger.warning("comfy-multigpu: SIGTERM: draining (no new prompts; running ones get up to %.0f s)",
                        self.timeout_s)
         threading.Thread(target=self._drain, daemon=True, name="comfy-multigpu-drain").start()
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.timeout_s
-        while self.pool.busy_count() and time.monotonic() < deadline:
+        scheduler = self.pool.scheduler
+        while scheduler.snapshot().running_count and time.monotonic() < deadline:
             time.sleep(0.05)
-        running = self.pool.busy_count()
-        with self.pool.mutex:
-            waiting = sum(len(w.pending) for w in self.pool.workers)
+        snap = scheduler.snapshot()
+        running, waiting = snap.running_count, snap.pending_count
         journal = "kept in the journal" if self.pool.journal is not None else "LOST: the journal is off"
         if running:
             logger.warning("comfy-multigpu: drain timeout: %d prompt(s) still running will run again after a "

@@ -118,3 +118,43 @@ def run_on_worker(worker, request: Request) -> None:
         request.done.set_exception(ex)
     finally:
         weights.holding.reset(token)
+
+
+PRELOAD_WAIT_S = 600.0     # longest POST /preload waits for busy GPUs (then it answers "queued")
+
+
+async def preload(pool, kind: str, name: str, gpus: list, wait: bool = True) -> dict:
+    """POST /preload: `name` into the shared RAM cache, then onto the devices of `gpus` (each worker
+    between its prompts); with `wait`, until they did it or PRELOAD_WAIT_S passed. The answer's
+    "gpus" says per GPU: on_device | in_ram | queued | failed: ... Raises ApiError (4xx)."""
+    import asyncio
+    import time
+    if pool.weights is None:
+        raise ApiError(409, "sharing_off", "/preload needs the shared RAM cache, which is off",
+                       "unset COMFY_MULTIGPU_RAM_CACHE (or give it a size) and restart")
+    check_file(kind, name)
+    gpus = check_gpus(gpus, pool)
+    started = time.perf_counter()
+    try:
+        await asyncio.to_thread(load, kind, name)
+    except Exception as ex:
+        logger.warning("/preload: %s %s could not be loaded", kind, name, exc_info=True)
+        raise ApiError(422, "load_failed", f"/preload: {kind} {name!r} could not be loaded: "
+                       f"{type(ex).__name__}: {ex}"[:500], "check the file (the server log has the details)") from None
+    ram_s = time.perf_counter() - started
+    requests = {g: Request(kind, name) for g in gpus}
+    for gpu, req in requests.items():
+        pool.request_preload(gpu, req)
+    if requests and wait:
+        await asyncio.wait([asyncio.wrap_future(r.done) for r in requests.values()], timeout=PRELOAD_WAIT_S)
+    states = {}
+    for gpu, req in requests.items():
+        if not req.done.done():
+            states[str(gpu)] = "queued"
+        elif req.done.exception() is not None:
+            ex = req.done.exception()
+            states[str(gpu)] = f"failed: {type(ex).__name__}: {ex}"[:300]
+        else:
+            states[str(gpu)] = req.done.result()
+    return {"model": name, "type": kind, "ram": "loaded", "ram_seconds": round(ram_s, 3),
+            "gpus": states, "seconds": round(time.perf_counter() - started, 3)}

@@ -2,13 +2,16 @@
 
 python patch_roundtrip.py COMFYUI_DIR  -> prints one JSON object with what was observed:
 apply (each target now holds a new object), apply again (no change), revert (the identical
-original is back), a shape mismatch (refused before anything changes), a failure half-way
+original is back), revert after something else wrapped two of our patches (those wrappers stay,
+the rest is back), a shape mismatch (refused before anything changes), a failure half-way
 (everything undone), and per-worker RAM-release callbacks with and without the patches.
+Targets include the process's SIGTERM handler (kind "signal"); this runs in the main thread.
 """
 import asyncio
 import collections
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -36,11 +39,8 @@ def main(comfyui_dir: str) -> dict:
     out = {"ids": [s.id for s in specs]}
 
     def snapshot(patchset):
-        current = {}
-        for spec in specs:
-            owner, attr, original = patchset.resolve(spec)
-            current[spec.id] = type(owner) if attr == "__class__" else vars(owner)[attr]
-        return current
+        """What every target holds now (resolve() reads it the way the installer does, for every kind)."""
+        return {spec.id: patchset.resolve(spec)[2] for spec in specs}
 
     ps = patching.PatchSet(specs, pool, modules)
     originals = snapshot(ps)
@@ -60,8 +60,26 @@ def main(comfyui_dir: str) -> dict:
     out["identical_after_revert"] = [i for i in originals if reverted[i] is originals[i]]
     out["ram_release_stock"] = ram_release_cross_talk(pool, current_worker)
 
-    # A host whose shape differs: a function with another signature. Refused, nothing changed.
+    # Something else wraps two of our patches after us (a function and the SIGTERM handler): revert
+    # leaves both wrappers in place and puts every other original back.
     import comfy.model_management as mm
+    stacked = patching.PatchSet(specs, pool, modules)
+    stacked.apply()
+    ours_device = vars(mm)["get_torch_device"]
+    foreign_device = lambda: ours_device()          # noqa: E731
+    foreign_sigterm = lambda signum, frame: None    # noqa: E731
+    mm.get_torch_device = foreign_device
+    signal.signal(signal.SIGTERM, foreign_sigterm)
+    out["reverted_with_foreign"] = stacked.revert()
+    out["kept_foreign"] = stacked.kept_foreign
+    out["foreign_still_there"] = [vars(mm)["get_torch_device"] is foreign_device,
+                                  signal.getsignal(signal.SIGTERM) is foreign_sigterm]
+    after_foreign = snapshot(stacked)
+    out["identical_after_foreign_revert"] = [i for i in originals if after_foreign[i] is originals[i]]
+    mm.get_torch_device = originals["device-current"]          # the test's own clean-up
+    signal.signal(signal.SIGTERM, originals["sigterm-drain"])
+
+    # A host whose shape differs: a function with another signature. Refused, nothing changed.
     saved = vars(mm)["interrupt_current_processing"]
     mm.interrupt_current_processing = lambda value=True, device=None: None
     try:

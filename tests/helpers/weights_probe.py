@@ -22,13 +22,13 @@ def main(comfyui_dir: str, checkpoint: str) -> dict:
     import comfy.sd
     import comfy.utils
     from comfy_multigpu.host import patching
-    from comfy_multigpu.runtime import weights
+    from comfy_multigpu.runtime import weight_views, weights
     from comfy_multigpu.runtime.pool import WorkerPool
 
     out = {}
     template = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True,
                                                      embedding_directory=[])
-    a, b = weights.make_view(template), weights.make_view(template)
+    a, b = weight_views.make_view(template), weight_views.make_view(template)
     t_params = dict(template[0].model.named_parameters())
     a_params, b_params = dict(a[0].model.named_parameters()), dict(b[0].model.named_parameters())
     out["params"] = len(t_params)
@@ -46,7 +46,7 @@ def main(comfyui_dir: str, checkpoint: str) -> dict:
     # ComfyUI's own in-place update, unpatched: it writes into the storage every view shares
     pool = WorkerPool([(torch.device("cpu"), "cpu")] * 2)
     pool.weights = weights.WeightStore(1 << 40)
-    pool.weights._shared_ptrs.update({p: "t" for p in weights.shared_storages(template)})
+    pool.weights._shared_ptrs.update({p: "t" for p in weight_views.shared_storages(template)})
     host, specs = patching.load_manifest()
     wanted = {"weights-copy-on-write", "weights-offload-unpatch"}
     patchset = patching.PatchSet([s for s in specs if s.id in wanted], pool)

@@ -1,0 +1,37 @@
+"""Reading a request's routing scope: X-TARGET-GPU (every route), and for POST /prompt X-GPU-POOL and
+X-PRIORITY, checked before the body is read. Pure over the request's headers and the pool's state.
+Host objects touched: none.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..policy import admission, routing
+from ..runtime.context import RequestScope
+
+
+def route_path(request: web.Request) -> str:
+    """The route without ComfyUI's /api prefix (both forms reach the same handler)."""
+    path = request.path
+    return path[4:] if path.startswith("/api/") else path
+
+
+def prompt_headers(request: web.Request, pools) -> dict:
+    """X-GPU-POOL and X-PRIORITY of a POST /prompt, checked now so that a bad one is refused before
+    the body is read; raises routing.RequestError."""
+    headers = {name: request.headers.get(name) for name in (routing.POOL_HEADER, routing.PRIORITY_HEADER)}
+    routing.parse_pool(headers[routing.POOL_HEADER], routing.POOL_HEADER, pools)
+    routing.parse_priority(headers[routing.PRIORITY_HEADER], routing.PRIORITY_HEADER)
+    return headers
+
+
+def read_scope(request: web.Request, pool, placing: bool) -> RequestScope:
+    """The request's RequestScope; raises routing.RequestError (400) for a bad header, ApiError (503)
+    for a prompt sent while the server drains."""
+    down = frozenset(w.gpu_id for w in pool.workers if w.down) if placing else frozenset()
+    target = routing.parse_target(request.headers.get(routing.HEADER), len(pool), down)
+    headers = prompt_headers(request, pool.pools) if placing else {}
+    if placing and pool.draining:
+        raise admission.draining_refusal(pool.scheduler.mean_run_s)
+    dashboard = route_path(request) == "/ws" and request.rel_url.query.get("multigpu") == "1"
+    return RequestScope(target=target, headers=headers, dashboard=dashboard)

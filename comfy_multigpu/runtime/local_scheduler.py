@@ -1,0 +1,403 @@
+"""LocalScheduler: the in-process Scheduler. One lock guards every GPU's pending heap, the leases and
+the history; each worker waits on its own condition of that lock. Placement choices come from the
+pure functions of policy/placement.py and policy/admission.py. Host objects touched: none.
+"""
+from __future__ import annotations
+
+import copy
+import heapq
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from ..policy import admission, placement
+from ..policy.admission import Limits
+from ..policy.errors import ApiError
+from .prompt import ExecutionStatus, Lease, QueuedPrompt
+from .scheduler import DuplicatePrompt, GpuQueue, Member, QueueSnapshot, Scheduler
+from .startable import queue_order, startable
+
+logger = logging.getLogger("comfy_multigpu")
+
+MAXIMUM_HISTORY_SIZE = 10000      # execution.py MAXIMUM_HISTORY_SIZE
+
+
+@dataclass
+class _Slot:
+    """One GPU's queue state (the scheduler's lock guards it)."""
+    cond: threading.Condition
+    pending: list = field(default_factory=list)   # heap of (number, prompt id, QueuedPrompt)
+    pinned: list = field(default_factory=list)    # heap of (number, prompt id) of its pinned prompts
+    lease: Optional[Lease] = None                 # the lease it runs (rank 0) or is reserved for
+    unhealthy: str = ""                           # why the watchdog holds it out ("" = fine)
+    mailbox: dict = field(default_factory=dict)
+
+
+class LocalScheduler(Scheduler):
+    def __init__(self, members: Sequence[Member], pools: Optional[dict] = None, max_overtakes: int = 0,
+                 limits: Limits = Limits(), journal=None, on_change: Optional[Callable[[], None]] = None):
+        self._lock = threading.RLock()
+        self._members = list(members)
+        self._slots = [_Slot(threading.Condition(self._lock)) for _ in self._members]
+        self.pools: dict = dict(pools or {"all": tuple(range(len(self._members)))})
+        self.default_pool: Optional[str] = "default" if "default" in self.pools else None
+        self.max_overtakes = max_overtakes
+        self.limits = limits
+        self.journal = journal                 # runtime.journal.Journal or None
+        self.on_change = on_change             # called outside the lock after every change
+        self._waiting: dict[str, tuple[int, QueuedPrompt]] = {}   # prompt id -> (queue's GPU, prompt)
+        self._overtaken: dict[str, int] = {}   # waiting id -> later prompts started before it
+        self._history: dict[str, dict] = {}
+        self._lease_ids = itertools.count()
+        self._draining = False
+        self._closed = False
+        self.mean_run_s = 0.0                  # moving average of run time (Retry-After)
+        self.number_floor = 0                  # stock numbers start after the restored prompts'
+
+    # ---- admission -------------------------------------------------------------------------
+    def stock_number(self, number: float) -> float:
+        """Stock's counter value moved past the restored prompts (sign kept: "front" is negative)."""
+        return number + self.number_floor if number >= 0 else number - self.number_floor
+
+    def admit(self, prompt: QueuedPrompt, restoring: bool = False) -> int:
+        with self._lock:
+            if not restoring:
+                known = self.locate(prompt.prompt_id)
+                if known is not None:
+                    raise DuplicatePrompt(prompt.prompt_id, *known)
+                refusal = admission.admit(self.limits, self._counts(), prompt.target, prompt.eligible,
+                                          self._draining, self.mean_run_s)
+                if refusal is not None:
+                    raise refusal
+            gpu = prompt.target
+            if gpu is None:
+                gpu = placement.choose_least_loaded(self._loads(), prompt.models, prompt.eligible)
+                if gpu is None:   # no worker of the pool is up: it waits for the first that comes up
+                    gpu = min(prompt.eligible) if prompt.eligible else 0
+            if self.journal is not None and not restoring:
+                try:
+                    self.journal.accepted(prompt)
+                except Exception as ex:
+                    raise ApiError(503, "journal_unavailable", f"the prompt journal could not record it: {ex}",
+                                   "nothing was queued; retry, and check the disk under ComfyUI's user directory",
+                                   headers={"Retry-After": "5"}) from None
+            self._push(gpu, prompt)
+        self._changed()
+        return gpu
+
+    def restore(self, journal) -> tuple[int, int]:
+        """Start-up: finished prompts back into history, unfinished ones back into the queues (pinned
+        ones to their GPU if it still exists, the rest placed anew); returns (history, requeued)."""
+        with self._lock:
+            for prompt_id, entry in journal.history():
+                self._history[prompt_id] = entry
+        requeued, highest = 0, -1.0
+        for u in journal.unfinished():
+            target = u.target if u.target is not None and u.target < len(self._members) else None
+            name = u.pool if u.pool in self.pools else None
+            eligible = frozenset(self.pools[name]) if name is not None else None
+            if target is not None and eligible is not None and target not in eligible:
+                target = None
+            self.admit(QueuedPrompt.from_stock((u.number, u.prompt_id, u.prompt, u.extra_data, u.outputs),
+                                               target=target, pool=name, eligible=eligible), restoring=True)
+            requeued += 1
+            highest = max(highest, abs(u.number) % placement.PRIORITY_SPAN)
+        if requeued:       # new prompts queue after the restored ones
+            self.number_floor = max(self.number_floor, int(highest) + 1)
+        return len(self._history), requeued
+
+    def cancel(self, match, gpus=None, first_only=False) -> list:
+        removed = []
+        with self._lock:
+            for gpu in self._gpus(gpus):
+                slot = self._slots[gpu]
+                hits = [entry for entry in slot.pending if match(entry[2])]
+                if first_only:
+                    hits = hits[:1]
+                if not hits:
+                    continue
+                ids = {entry[1] for entry in hits}
+                slot.pending[:] = [entry for entry in slot.pending if entry[1] not in ids]
+                heapq.heapify(slot.pending)
+                for prompt_id in ids:
+                    self._forget_waiting(prompt_id)
+                removed.extend(sorted(ids))
+                if first_only:
+                    break
+            if removed and self.journal is not None:
+                self.journal.forget(removed)
+        if removed:
+            self._changed()
+        return removed
+
+    # ---- leases ----------------------------------------------------------------------------
+    def take_next(self, gpu_id: int) -> Optional[Lease]:
+        with self._lock:
+            slot = self._slots[gpu_id]
+            if self._draining or self._closed or slot.lease is not None:
+                return None
+            waiting = self._startable(gpu_id)
+            while True:
+                chosen = placement.choose_next(gpu_id, self._members[gpu_id].recent_models(), waiting,
+                                               self.max_overtakes)
+                if chosen is None:
+                    return None
+                prompt = self._waiting[chosen.prompt_id][1]
+                gpus = self._gang_for(gpu_id, prompt)
+                if gpus is not None:
+                    break
+                waiting = [w for w in waiting if w is not chosen]     # not enough idle GPUs yet
+            for prompt_id in placement.overtaken_by(gpu_id, chosen, waiting):
+                self._overtaken[prompt_id] = self._overtaken.get(prompt_id, 0) + 1
+            self._unqueue(chosen.owner, prompt)
+            if chosen.owner != gpu_id:
+                logger.info("[GPU %s] Took over prompt %s waiting behind GPU %s", gpu_id, prompt.prompt_id,
+                            chosen.owner)
+            lease = self._grant(prompt, gpus)
+        self._changed()
+        return lease
+
+    def wait_next(self, gpu_id: int) -> tuple[Optional[Lease], dict]:
+        slot = self._slots[gpu_id]
+        with self._lock:
+            while not self._closed:
+                lease = self.take_next(gpu_id)
+                if lease is not None or slot.mailbox:
+                    messages, slot.mailbox = slot.mailbox, {}
+                    return lease, messages
+                slot.cond.wait()
+            return None, {}
+
+    def lease_workers(self, prompt: QueuedPrompt, gpu_ids: Sequence[int]) -> Optional[Lease]:
+        gpus = tuple(sorted(set(gpu_ids)))
+        with self._lock:
+            if not gpus or self._closed or any(not self._is_free(g) for g in gpus):
+                return None
+            lease = self._grant(prompt, gpus)
+        self._changed()
+        return lease
+
+    def requeue(self, lease: Lease) -> None:
+        with self._lock:
+            self._release(lease)
+            prompt = lease.prompt
+            self._push(prompt.target if prompt.target is not None else lease.gpu_id, prompt)
+        self._changed()
+
+    def finish(self, lease: Lease, result: dict, status: ExecutionStatus, run_s: float = 0.0) -> dict:
+        prompt = lease.prompt
+        entry = {"prompt": prompt.public(), "outputs": {}, "status": copy.deepcopy(status._asdict())}
+        entry.update(result)
+        entry["gpu_id"] = lease.gpu_id
+        if len(lease.gpu_ids) > 1:
+            entry["gpu_ids"] = list(lease.gpu_ids)
+        with self._lock:
+            self._release(lease)
+            if len(self._history) > MAXIMUM_HISTORY_SIZE:
+                self._history.pop(next(iter(self._history)))
+            self._history[prompt.prompt_id] = entry
+            self.mean_run_s = run_s if not self.mean_run_s else 0.9 * self.mean_run_s + 0.1 * run_s
+        # Outside the lock (workers and POST /prompt wait on it): the journal accepted this prompt
+        # before it was queued, so the order of the two writes holds without it.
+        if self.journal is not None:
+            try:
+                self.journal.finished(prompt.prompt_id, lease.gpu_id, entry)
+            except Exception:
+                logger.exception("[GPU %s] Journal: could not record that %s finished", lease.gpu_id,
+                                 prompt.prompt_id)
+        self._changed()
+        return entry
+
+    def post(self, gpu_ids, name, value, append=False) -> None:
+        with self._lock:
+            for gpu in self._gpus(gpu_ids):
+                slot = self._slots[gpu]
+                if append:
+                    slot.mailbox.setdefault(name, []).append(value)
+                else:
+                    slot.mailbox[name] = value
+                slot.cond.notify()
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> bool:
+        with self._lock:
+            was, self._draining = self._draining, True
+        return not was
+
+    def stop_draining(self) -> None:
+        with self._lock:
+            self._draining = False
+            self.wake()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for slot in self._slots:
+                slot.cond.notify_all()
+
+    def wake(self) -> None:
+        with self._lock:
+            for gpu, slot in enumerate(self._slots):
+                if slot.lease is None:
+                    slot.cond.notify()
+
+    def check_health(self, now: float, limit_s: float) -> None:
+        """Watchdog: a lease older than `limit_s` takes its GPUs out of placement until it ends."""
+        with self._lock:
+            for gpu, slot in enumerate(self._slots):
+                late = slot.lease is not None and now - slot.lease.started > limit_s
+                if late and not slot.unhealthy:
+                    slot.unhealthy = f"a prompt has run for more than {limit_s:g} s"
+                    logger.error("[GPU %s] Watchdog: %s; no new auto prompts go to this GPU until it ends",
+                                 gpu, slot.unhealthy)
+                elif not late and slot.unhealthy:
+                    logger.info("[GPU %s] Watchdog: healthy again", gpu)
+                    slot.unhealthy = ""
+                    self.wake()
+
+    # ---- views -----------------------------------------------------------------------------
+    def snapshot(self, detail: bool = False) -> QueueSnapshot:
+        with self._lock:
+            gpus = tuple(GpuQueue(gpu, (slot.lease,) if slot.lease is not None else (), len(slot.pending),
+                                  tuple(e[2] for e in sorted(slot.pending, key=queue_order)) if detail else (),
+                                  slot.unhealthy)
+                         for gpu, slot in enumerate(self._slots))
+            return QueueSnapshot(gpus, self._draining, len(self._history))
+
+    def locate(self, prompt_id: str) -> Optional[tuple[str, int, float]]:
+        with self._lock:
+            for gpu, slot in enumerate(self._slots):
+                if slot.lease is not None and slot.lease.gpu_id == gpu and slot.lease.prompt_id == prompt_id:
+                    return "running", gpu, slot.lease.prompt.number
+            where = self._waiting.get(prompt_id)
+            if where is not None:
+                return "queued", where[0], where[1].number
+            entry = self._history.get(prompt_id)
+            if entry is not None:
+                return "done", entry.get("gpu_id", 0), entry["prompt"][0] if entry.get("prompt") else 0
+        return None
+
+    def queue_items(self, gpus=None) -> tuple[list, list]:
+        with self._lock:
+            running, pending = [], []
+            for gpu in self._gpus(gpus):
+                slot = self._slots[gpu]
+                if slot.lease is not None and slot.lease.gpu_id == gpu:
+                    running.append(slot.lease.prompt)
+                pending.extend(entry[2] for entry in slot.pending)
+        pending.sort(key=lambda p: p.order)
+        return running, pending
+
+    def tasks_remaining(self, gpus=None) -> int:
+        with self._lock:
+            return sum(len(self._slots[g].pending) + self._runs(g) for g in self._gpus(gpus))
+
+    def history(self, prompt_id=None, max_items=None, offset=-1, map_function=None) -> dict:
+        with self._lock:
+            history = self._history
+            if prompt_id is None:
+                out = {}
+                if offset < 0 and max_items is not None:
+                    offset = len(history) - max_items
+                for i, k in enumerate(history):
+                    if i >= offset:
+                        p = history[k]
+                        out[k] = map_function(p) if map_function is not None else p
+                        if max_items is not None and len(out) >= max_items:
+                            break
+                return out
+            if prompt_id in history:
+                p = history[prompt_id]
+                return {prompt_id: map_function(p) if map_function is not None else copy.deepcopy(p)}
+            return {}
+
+    def forget_history(self, prompt_id=None) -> None:
+        with self._lock:
+            if prompt_id is None:
+                self._history.clear()
+                if self.journal is not None:
+                    self.journal.forget_history()
+            elif self._history.pop(prompt_id, None) is not None and self.journal is not None:
+                self.journal.forget([prompt_id])
+
+    # ---- inside the lock ---------------------------------------------------------------------
+    def _gpus(self, gpus) -> list:
+        return list(range(len(self._slots))) if gpus is None else list(gpus)
+
+    def _runs(self, gpu: int) -> int:
+        lease = self._slots[gpu].lease
+        return 1 if lease is not None and lease.gpu_id == gpu else 0
+
+    def _counts(self) -> list:
+        return [len(s.pending) + self._runs(g) for g, s in enumerate(self._slots)]
+
+    def _loads(self) -> list:
+        return [placement.WorkerLoad(m.gpu_id, not m.down and not s.unhealthy, 1 if s.lease else 0,
+                                     len(s.pending), m.recent_models(), m.weight, m.free_memory)
+                for m, s in zip(self._members, self._slots)]
+
+    def _is_free(self, gpu: int) -> bool:
+        slot = self._slots[gpu]
+        return slot.lease is None and not slot.unhealthy and not self._members[gpu].down
+
+    def _push(self, gpu: int, prompt: QueuedPrompt) -> None:
+        slot = self._slots[gpu]
+        self._waiting[prompt.prompt_id] = (gpu, prompt)
+        heapq.heappush(slot.pending, (prompt.number, prompt.prompt_id, prompt))
+        if not prompt.movable:     # found again by _first_pinned; started/deleted ones are dropped there
+            heapq.heappush(slot.pinned, prompt.order)
+        slot.cond.notify()
+        self.wake()                # an idle worker of its pool may take it over
+
+    def _forget_waiting(self, prompt_id: str) -> None:
+        self._waiting.pop(prompt_id, None)
+        self._overtaken.pop(prompt_id, None)
+
+    def _unqueue(self, owner: int, prompt: QueuedPrompt) -> None:
+        pending = self._slots[owner].pending
+        if pending[0][1] == prompt.prompt_id:        # the earliest (most starts): O(log n)
+            heapq.heappop(pending)
+        else:
+            index = next(i for i, entry in enumerate(pending) if entry[1] == prompt.prompt_id)
+            pending.pop(index)
+            heapq.heapify(pending)
+        self._forget_waiting(prompt.prompt_id)
+
+    def _grant(self, prompt: QueuedPrompt, gpus: tuple) -> Lease:
+        lease = Lease(next(self._lease_ids), prompt, gpus)
+        for gpu in gpus:                   # ascending: the one global order
+            self._slots[gpu].lease = lease
+        self.wake()                        # these workers are busy now: their auto prompts may move
+        return lease
+
+    def _release(self, lease: Lease) -> None:
+        for gpu in lease.gpu_ids:
+            slot = self._slots[gpu]
+            if slot.lease is lease:
+                slot.lease = None
+        lease.ended.set()
+        self.wake()
+
+    def _gang_for(self, gpu_id: int, prompt: QueuedPrompt) -> Optional[tuple]:
+        """The GPUs a lease of `prompt` started by `gpu_id` takes: itself, plus gang-1 other free GPUs
+        of its pool (lowest index first); None if there are not enough free ones now."""
+        if prompt.gang <= 1:
+            return (gpu_id,)
+        others = [g for g in range(len(self._slots)) if g != gpu_id and self._is_free(g)
+                  and (prompt.eligible is None or g in prompt.eligible)]
+        if len(others) < prompt.gang - 1:
+            return None
+        return (gpu_id,) + tuple(others[:prompt.gang - 1])
+
+    def _startable(self, gpu_id: int) -> list:
+        return startable(gpu_id, self._slots, self._members, self._waiting, self._overtaken)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()

@@ -1,0 +1,46 @@
+"""Output file numbering across workers: folder_paths.get_save_image_path counts existing files to
+pick the next number, so two workers saving under one (folder, name) at once would pick the same one.
+A worker reserves the (folder, name) until the node that numbers files ends. Host objects touched: none
+(host/outputs.py calls in here).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+logger = logging.getLogger("comfy_multigpu")
+
+SAVE_WAIT_S = 120.0               # longest wait for another worker's output-file numbering
+
+
+class SaveNames:
+    def __init__(self, wait_s: float = SAVE_WAIT_S):
+        self.wait_s = wait_s
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: dict[tuple, int] = {}          # (folder, name) -> GPU numbering files under it
+        self._held: dict[int, set] = {}             # GPU -> keys it holds
+
+    def reserve(self, gpu_id: int, key: tuple) -> None:
+        """Wait until no other worker is numbering files under `key`, then hold it until `release`."""
+        deadline = time.monotonic() + self.wait_s
+        with self._cond:
+            while self._owner.get(key, gpu_id) != gpu_id:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    logger.warning("[GPU %s] Waited %.0f s for output name %s; numbering without the lock",
+                                   gpu_id, self.wait_s, key)
+                    return
+                self._cond.wait(left)
+            self._owner[key] = gpu_id
+            self._held.setdefault(gpu_id, set()).add(key)
+
+    def holds_any(self, gpu_id: int) -> bool:
+        return bool(self._held.get(gpu_id))
+
+    def release(self, gpu_id: int) -> None:
+        with self._cond:
+            for key in self._held.pop(gpu_id, ()):
+                if self._owner.get(key) == gpu_id:
+                    del self._owner[key]
+            self._cond.notify_all()

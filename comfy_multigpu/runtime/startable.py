@@ -1,0 +1,75 @@
+"""What a free worker may start: the first placement.LOOKAHEAD prompts of its pool in queue order,
+read off the scheduler's heaps without changing them (pure reads under the scheduler's lock).
+Host objects touched: none.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Iterable, Optional
+
+from ..policy import placement
+from .prompt import QueuedPrompt
+
+
+def queue_order(head: tuple) -> tuple:
+    return head[0], head[1]
+
+
+def heap_in_order(heap: list) -> Iterable[tuple]:
+    """A heap's items in queue order (number, then prompt id) without changing it: the smallest of
+    a frontier of unvisited nodes each time, O(log k) for the k-th. The heap must not change while
+    this runs (the scheduler's lock held)."""
+    if not heap:
+        return
+    frontier = [(queue_order(heap[0]), 0)]
+    while frontier:
+        _, i = heapq.heappop(frontier)
+        yield heap[i]
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < len(heap):
+                heapq.heappush(frontier, (queue_order(heap[child]), child))
+
+
+def startable(gpu_id: int, slots, members, waiting_index: dict, overtaken: dict) -> list:
+    """What `gpu_id` may start, the first placement.LOOKAHEAD in queue order: the first of its pinned
+    prompts (pinned prompts keep their order and never move), its own auto-placed ones, and those of
+    its pool waiting in busy or down workers' queues (an idle worker starts its own queue itself).
+    Costs O(workers x LOOKAHEAD) however long the queues are."""
+    heads = [movable_head(slots[owner].pending, owner, gpu_id) for owner in range(len(slots))
+             if owner == gpu_id or slots[owner].lease is not None or members[owner].down]
+    first = itertools.islice(heapq.merge(*heads, key=queue_order), placement.LOOKAHEAD)
+    waiting = [placement.Waiting(p.prompt_id, p.number, owner, p.models, p.eligible,
+                                 overtaken.get(p.prompt_id, 0))
+               for _, _, p, owner in first]
+    pinned = first_pinned(slots[gpu_id].pinned, waiting_index)
+    if pinned is not None:
+        waiting.append(placement.Waiting(pinned.prompt_id, pinned.number, gpu_id, pinned.models, None,
+                                         overtaken.get(pinned.prompt_id, 0), pinned=True))
+    return waiting
+
+
+def movable_head(pending: list, owner: int, gpu_id: int) -> list:
+    """The first LOOKAHEAD auto-placed prompts in `owner`'s queue that `gpu_id` may run, as
+    (number, prompt id, prompt, owner) in queue order, read off the heap without changing it."""
+    found = []
+    for entry in heap_in_order(pending):
+        prompt = entry[2]
+        if not prompt.movable or (prompt.eligible is not None and gpu_id not in prompt.eligible):
+            continue
+        found.append((entry[0], entry[1], prompt, owner))
+        if len(found) == placement.LOOKAHEAD:
+            break
+    return found
+
+
+def first_pinned(heap: list, waiting_index: dict) -> Optional[QueuedPrompt]:
+    """The earliest pinned prompt waiting in a queue (its pinned `heap`; entries of prompts
+    that started or were deleted are dropped here)."""
+    while heap:
+        number, prompt_id = heap[0]
+        where = waiting_index.get(prompt_id)
+        if where is not None and not where[1].movable and where[1].number == number:
+            return where[1]
+        heapq.heappop(heap)
+    return None

@@ -1,0 +1,293 @@
+"""The pool and its scheduler in this process, with real worker threads and a fake executor (no ComfyUI):
+placement and takeover, pinned prompts, pools, priorities, caps, deletes, interrupts, gang leases of
+several workers, a worker whose loop dies, and shutdown. What depends on the host (nodes, events,
+models, the HTTP API) is covered by the real-server tests."""
+import threading
+import time
+
+import pytest
+
+from comfy_multigpu.policy.admission import Limits
+from comfy_multigpu.policy.errors import ApiError
+from comfy_multigpu.runtime.context import current_worker
+from comfy_multigpu.runtime.pool import PoolOptions, WorkerPool
+from comfy_multigpu.runtime.prompt import QueuedPrompt
+from comfy_multigpu.runtime.scheduler import DuplicatePrompt
+
+WAIT_S = 10.0
+
+
+class LoopDeath(BaseException):
+    """Not caught by the worker's per-prompt handling: its loop dies."""
+
+
+class FakeExecutor:
+    """Runs a prompt {"seconds": s, "gate": name, "fail": bool}: sleeps s (or waits for the gate),
+    honouring interrupts as ComfyUI's nodes do; records where and when it ran."""
+
+    def __init__(self, host):
+        self.host = host
+        self.history_result = {}
+        self.success, self.status_messages = True, []
+
+    def execute(self, prompt, prompt_id, extra_data, outputs):
+        worker = current_worker.get()
+        worker.take_interrupt()                      # stock execute() starts with interrupt_processing(False)
+        start = time.monotonic()
+        self.success, self.status_messages = True, [("execution_start", {"prompt_id": prompt_id})]
+        if prompt.get("die"):
+            raise LoopDeath("a fault outside any prompt's handling")
+        gate = self.host.gates.get(prompt.get("gate"))
+        deadline = start + prompt.get("seconds", 0.0)
+        while (gate is not None and not gate.is_set()) or (gate is None and time.monotonic() < deadline):
+            if worker.take_interrupt():
+                self.success = False
+                self.status_messages.append(("execution_interrupted", {"prompt_id": prompt_id}))
+                break
+            time.sleep(0.002)
+        with self.host.lock:
+            self.host.ran.append((prompt_id, worker.gpu_id, start, time.monotonic()))
+        self.history_result = {"outputs": {"1": {"ran_on": [worker.gpu_id]}}, "meta": {}}
+
+    def reset(self):
+        pass
+
+
+class FakeHost:
+    """The ComfyServices methods the runtime calls, without ComfyUI."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ran = []
+        self.gates: dict[str, threading.Event] = {}
+
+    def new_executor(self, server):
+        return FakeExecutor(self)
+
+    def prompt_started(self):
+        pass
+
+    def prompt_finished(self, history_result, prompt_id):
+        pass
+
+    def collect(self):
+        pass
+
+    def after_collect(self, idle):
+        pass
+
+    def unload_models(self):
+        pass
+
+    def free_memory(self, device):
+        return 0
+
+
+class FakeServer:
+    client_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+@pytest.fixture
+def make_pool():
+    pools = []
+
+    def make(n, **options):
+        host = FakeHost()
+        pool = WorkerPool([("cpu", "cpu")] * n, PoolOptions(**options), host=host)
+        pool.start(FakeServer(), timeout=WAIT_S)
+        pool.start_housekeeping()
+        pools.append(pool)
+        return pool, host
+    yield make
+    for pool in pools:
+        assert pool.shutdown(timeout=WAIT_S) == []
+
+
+def prompt(prompt_id, number=0, target=None, eligible=None, gang=1, **graph):
+    return QueuedPrompt(number, prompt_id, graph, {}, [], target=target, eligible=eligible, gang=gang)
+
+
+def wait_done(pool, ids, timeout=WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = pool.scheduler.history()
+        if all(i in history for i in ids):
+            return history
+        time.sleep(0.01)
+    raise AssertionError(f"not finished in {timeout} s: {[i for i in ids if i not in pool.scheduler.history()]}")
+
+
+def wait_busy(pool, *gpus):
+    deadline = time.monotonic() + WAIT_S
+    while not all(pool.workers[g].busy for g in gpus):
+        assert time.monotonic() < deadline, f"GPUs {gpus} never started"
+        time.sleep(0.005)
+
+
+def test_shutdown_stops_and_joins_every_thread_and_is_idempotent(make_pool):
+    pool, _ = make_pool(3, watchdog_s=5.0)
+    names = {t.name for t in threading.enumerate()}
+    assert {"comfy-multigpu-gpu0", "comfy-multigpu-gpu2", "comfy-multigpu-housekeeping",
+            "comfy-multigpu-watchdog"} <= names
+    assert pool.shutdown(timeout=WAIT_S) == []
+    assert pool.shutdown(timeout=WAIT_S) == []
+    left = {t.name for t in threading.enumerate() if t.name.startswith("comfy-multigpu")}
+    assert left == set()
+    assert all(not w.up for w in pool.workers)
+
+
+def test_shutdown_interrupts_a_running_prompt(make_pool):
+    pool, host = make_pool(1)
+    pool.scheduler.admit(prompt("long", seconds=60))
+    wait_busy(pool, 0)
+    started = time.monotonic()
+    assert pool.shutdown(timeout=WAIT_S) == []
+    assert time.monotonic() - started < 5
+    assert pool.scheduler.history()["long"]["status"]["status_str"] == "error"
+
+
+def test_auto_prompts_spread_over_idle_workers_and_run_at_once(make_pool):
+    pool, host = make_pool(3)
+    for i in range(3):
+        pool.scheduler.admit(prompt(f"p{i}", i, seconds=0.3))
+    history = wait_done(pool, ["p0", "p1", "p2"])
+    assert sorted(history[f"p{i}"]["gpu_id"] for i in range(3)) == [0, 1, 2]
+    starts = [start for _, _, start, _ in host.ran]
+    assert max(starts) - min(starts) < 0.25                     # all three ran side by side
+
+
+def test_pinned_prompts_stay_on_their_gpu_and_an_idle_worker_takes_over_auto_ones(make_pool):
+    pool, host = make_pool(2)
+    host.gates["hold"] = threading.Event()
+    assert pool.scheduler.admit(prompt("busy", 0, target=1, gate="hold")) == 1
+    wait_busy(pool, 1)
+    for i in range(1, 4):
+        pool.scheduler.admit(prompt(f"pinned{i}", i, target=1, seconds=0.01))
+    pool.scheduler.admit(prompt("auto", 9, seconds=0.01))
+    history = wait_done(pool, ["auto"])
+    assert history["auto"]["gpu_id"] == 0                       # GPU 1 is busy: GPU 0 ran it
+    assert pool.scheduler.locate("pinned1")[:2] == ("queued", 1)
+    host.gates["hold"].set()
+    history = wait_done(pool, ["busy", "pinned1", "pinned2", "pinned3"])
+    assert {history[f"pinned{i}"]["gpu_id"] for i in range(1, 4)} == {1}
+    order = [pid for pid, gpu, _, _ in host.ran if gpu == 1]
+    assert order == ["busy", "pinned1", "pinned2", "pinned3"]
+
+
+def test_a_pool_keeps_its_prompts_on_its_gpus(make_pool):
+    pool, host = make_pool(3, pools={"fast": (1, 2), "all": (0, 1, 2)})
+    ids = [f"f{i}" for i in range(6)]
+    for i, pid in enumerate(ids):
+        pool.scheduler.admit(prompt(pid, i, eligible=frozenset({1, 2}), seconds=0.02))
+    history = wait_done(pool, ids)
+    assert {history[pid]["gpu_id"] for pid in ids} <= {1, 2}
+
+
+def test_priorities_run_high_before_normal_before_low_on_one_worker(make_pool):
+    from comfy_multigpu.policy.placement import queue_number
+    pool, host = make_pool(1)
+    host.gates["hold"] = threading.Event()
+    pool.scheduler.admit(prompt("first", 0, gate="hold"))
+    wait_busy(pool, 0)
+    for i, (pid, priority) in enumerate([("low", "low"), ("normal", "normal"), ("high", "high")], start=1):
+        pool.scheduler.admit(prompt(pid, queue_number(i, priority), seconds=0.01))
+    host.gates["hold"].set()
+    wait_done(pool, ["first", "low", "normal", "high"])
+    assert [pid for pid, *_ in host.ran] == ["first", "high", "normal", "low"]
+
+
+def test_caps_refuse_with_429_and_duplicates_are_answered_with_the_first(make_pool):
+    pool, host = make_pool(2, limits=Limits(per_gpu=1, total=0))
+    host.gates["hold"] = threading.Event()
+    pool.scheduler.admit(prompt("a", 0, gate="hold"))
+    pool.scheduler.admit(prompt("b", 1, gate="hold"))
+    wait_busy(pool, 0, 1)
+    with pytest.raises(ApiError) as refused:
+        pool.scheduler.admit(prompt("c", 2))
+    assert refused.value.status == 429
+    with pytest.raises(DuplicatePrompt) as duplicate:
+        pool.scheduler.admit(prompt("a", 3))
+    assert duplicate.value.state == "running"
+    host.gates["hold"].set()
+    wait_done(pool, ["a", "b"])
+    assert pool.scheduler.locate("c") is None                 # refused means never queued
+
+
+def test_deleted_prompts_never_run(make_pool):
+    pool, host = make_pool(1)
+    host.gates["hold"] = threading.Event()
+    pool.scheduler.admit(prompt("running", 0, gate="hold"))
+    wait_busy(pool, 0)
+    for i in range(1, 5):
+        pool.scheduler.admit(prompt(f"w{i}", i, seconds=0.01))
+    assert pool.scheduler.cancel(lambda p: p.prompt_id in ("w2", "w4")) == ["w2", "w4"]
+    assert pool.scheduler.cancel(lambda p: p.prompt_id == "running") == []    # running: not a queue item
+    host.gates["hold"].set()
+    wait_done(pool, ["running", "w1", "w3"])
+    time.sleep(0.1)
+    assert [pid for pid, *_ in host.ran] == ["running", "w1", "w3"]
+
+
+def test_an_interrupt_by_lease_stops_only_that_prompt(make_pool):
+    from comfy_multigpu.host.prompt_queue import MultiQueue
+    pool, host = make_pool(2)
+    queue = MultiQueue(pool, FakeServer())
+    pool.scheduler.admit(prompt("stop-me", 0, target=0, seconds=30))
+    pool.scheduler.admit(prompt("keep", 1, target=1, seconds=0.5))
+    wait_busy(pool, 0, 1)
+    assert queue.interrupt_if_running("stop-me")
+    history = wait_done(pool, ["stop-me", "keep"])
+    assert history["stop-me"]["status"]["status_str"] == "error"
+    assert history["keep"]["status"]["status_str"] == "success"
+    assert not queue.interrupt_if_running("stop-me")          # ended: nothing else is interrupted
+
+
+def test_gang_leases_are_all_or_nothing_and_never_deadlock(make_pool):
+    """Two prompts that need 2 of 3 GPUs each, and single-GPU prompts, submitted together: all finish;
+    a gang's GPUs start nothing else while it runs, and its history entry lists them."""
+    pool, host = make_pool(3)
+    ids = []
+    for i in range(6):
+        gang = 2 if i in (1, 3) else 1
+        pool.scheduler.admit(prompt(f"p{i}", i, gang=gang, seconds=0.15))
+        ids.append(f"p{i}")
+    history = wait_done(pool, ids)
+    for pid in ("p1", "p3"):
+        gpus = history[pid]["gpu_ids"]
+        assert len(set(gpus)) == 2 and history[pid]["gpu_id"] == gpus[0]
+        start, end = next((s, e) for p, _, s, e in host.ran if p == pid)
+        overlapping = [p for p, g, s, e in host.ran if p != pid and g in gpus and s < end and e > start]
+        assert overlapping == []                                # reserved GPUs ran nothing else
+    assert "gpu_ids" not in history["p0"]
+
+
+def test_lease_workers_takes_idle_workers_all_or_nothing(make_pool):
+    pool, host = make_pool(3)
+    host.gates["hold"] = threading.Event()
+    pool.scheduler.admit(prompt("busy", 0, target=1, gate="hold"))
+    wait_busy(pool, 1)
+    assert pool.scheduler.lease_workers(prompt("gang"), [2, 1]) is None     # GPU 1 is busy: nothing taken
+    lease = pool.scheduler.lease_workers(prompt("gang"), [2, 0])
+    assert lease is not None and lease.gpu_ids == (0, 2)                   # ascending: one global order
+    snap = pool.scheduler.snapshot()
+    assert [q.busy for q in snap.gpus] == [True, True, True]
+    pool.scheduler.requeue(lease)                                           # back to waiting, then run
+    host.gates["hold"].set()
+    wait_done(pool, ["busy", "gang"])
+
+
+def test_a_worker_whose_loop_dies_fails_its_prompt_restarts_and_runs_the_next(make_pool):
+    pool, host = make_pool(1)
+    pool.workers[0].RESTART_DELAY_S = 0.05
+    pool.scheduler.admit(prompt("dies", 0, die=True))
+    pool.scheduler.admit(prompt("next", 1, seconds=0.01))
+    history = wait_done(pool, ["dies", "next"])
+    assert history["dies"]["status"]["status_str"] == "error"
+    assert history["next"]["status"]["status_str"] == "success"
