@@ -18,8 +18,8 @@ class WorkerAttribute:
         if obj is None:
             return self
         worker = current_worker.get()
-        if worker is not None and self.name in worker.attrs:
-            return worker.attrs[self.name]
+        if worker is not None and self.name in worker.host_state.attrs:
+            return worker.host_state.attrs[self.name]
         try:
             return obj.__dict__[self.name]
         except KeyError:
@@ -28,7 +28,7 @@ class WorkerAttribute:
     def __set__(self, obj, value):
         worker = current_worker.get()
         if worker is not None:
-            worker.attrs[self.name] = value
+            worker.host_state.attrs[self.name] = value
         else:
             obj.__dict__[self.name] = value
 
@@ -58,8 +58,8 @@ def make_server_class(original_cls, pool):
                 # Stock resends the current node to a client reconnecting mid-prompt (server.py:289);
                 # its check reads the process-wide client_id, so look in every worker instead.
                 for worker in pool.workers:
-                    node = worker.attrs.get("last_node_id")
-                    if worker.attrs.get("client_id") == sid and node is not None:
+                    node = worker.host_state.attrs.get("last_node_id")
+                    if worker.host_state.attrs.get("client_id") == sid and node is not None:
                         await original_cls.send(self, "executing", {"node": node}, sid)
 
         def send_sync(self, event, data, sid=None):

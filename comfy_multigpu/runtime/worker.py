@@ -11,6 +11,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
 from .context import current_worker
+from .host_state import HostState
 from .prompt import ExecutionStatus, Lease
 
 if TYPE_CHECKING:
@@ -46,13 +47,9 @@ class GpuWorker:
         self.thread: Optional[threading.Thread] = None
         self.started = threading.Event()
         # Per-prompt host state that ComfyUI keeps in process globals (see patches/manifest.toml).
-        self.attrs: dict[str, Any] = {"client_id": None, "last_node_id": None, "last_prompt_id": None}
+        self.host_state = HostState()
         self.interrupt_lock = threading.Lock()
         self.interrupted = False
-        self.progress_registry = None
-        self.graph_prefix = ["", 0, 0]          # GraphBuilder root, call index, graph index
-        self.ram_release_callback = None
-        self.ram_headroom = 0
         self._loaded: dict[int, weakref.ref] = {}   # LoadedModel has __eq__ but no __hash__
         self.restarts = 0                       # times its loop died and was started again
         self._models: dict[str, None] = {}     # model keys of recent successful prompts, oldest first
