@@ -15,14 +15,12 @@ from typing import Callable, Optional, Sequence
 from ..policy import admission, placement
 from ..policy.admission import Limits
 from ..policy.errors import ApiError
+from .history import History
 from .prompt import ExecutionStatus, Lease, QueuedPrompt
 from .scheduler import DuplicatePrompt, GpuQueue, Member, QueueSnapshot, Scheduler
 from .startable import queue_order, startable
 
 logger = logging.getLogger("comfy_multigpu")
-
-MAXIMUM_HISTORY_SIZE = 10000      # execution.py MAXIMUM_HISTORY_SIZE
-
 
 @dataclass
 class _Slot:
@@ -49,7 +47,7 @@ class LocalScheduler(Scheduler):
         self.on_change = on_change             # called outside the lock after every change
         self._waiting: dict[str, tuple[int, QueuedPrompt]] = {}   # prompt id -> (queue's GPU, prompt)
         self._overtaken: dict[str, int] = {}   # waiting id -> later prompts started before it
-        self._history: dict[str, dict] = {}
+        self._history = History()
         self._lease_ids = itertools.count()
         self._draining = False
         self._closed = False
@@ -92,7 +90,7 @@ class LocalScheduler(Scheduler):
         ones to their GPU if it still exists, the rest placed anew); returns (history, requeued)."""
         with self._lock:
             for prompt_id, entry in journal.history():
-                self._history[prompt_id] = entry
+                self._history.add(prompt_id, entry)
         requeued, highest = 0, -1.0
         for u in journal.unfinished():
             target = u.target if u.target is not None and u.target < len(self._members) else None
@@ -188,16 +186,14 @@ class LocalScheduler(Scheduler):
 
     def finish(self, lease: Lease, result: dict, status: ExecutionStatus, run_s: float = 0.0) -> dict:
         prompt = lease.prompt
-        entry = {"prompt": prompt.public(), "outputs": {}, "status": copy.deepcopy(status._asdict())}
+        entry = {"prompt": lease.record or prompt.public(), "outputs": {}, "status": copy.deepcopy(status._asdict())}
         entry.update(result)
         entry["gpu_id"] = lease.gpu_id
         if len(lease.gpu_ids) > 1:
             entry["gpu_ids"] = list(lease.gpu_ids)
         with self._lock:
             self._release(lease)
-            if len(self._history) > MAXIMUM_HISTORY_SIZE:
-                self._history.pop(next(iter(self._history)))
-            self._history[prompt.prompt_id] = entry
+            self._history.add(prompt.prompt_id, entry)
             self.mean_run_s = run_s if not self.mean_run_s else 0.9 * self.mean_run_s + 0.1 * run_s
         # Outside the lock (workers and POST /prompt wait on it): the journal accepted this prompt
         # before it was queued, so the order of the two writes holds without it.
@@ -278,7 +274,7 @@ class LocalScheduler(Scheduler):
             where = self._waiting.get(prompt_id)
             if where is not None:
                 return "queued", where[0], where[1].number
-            entry = self._history.get(prompt_id)
+            entry = self._history.entry(prompt_id)
             if entry is not None:
                 return "done", entry.get("gpu_id", 0), entry["prompt"][0] if entry.get("prompt") else 0
         return None
@@ -300,22 +296,7 @@ class LocalScheduler(Scheduler):
 
     def history(self, prompt_id=None, max_items=None, offset=-1, map_function=None) -> dict:
         with self._lock:
-            history = self._history
-            if prompt_id is None:
-                out = {}
-                if offset < 0 and max_items is not None:
-                    offset = len(history) - max_items
-                for i, k in enumerate(history):
-                    if i >= offset:
-                        p = history[k]
-                        out[k] = map_function(p) if map_function is not None else p
-                        if max_items is not None and len(out) >= max_items:
-                            break
-                return out
-            if prompt_id in history:
-                p = history[prompt_id]
-                return {prompt_id: map_function(p) if map_function is not None else copy.deepcopy(p)}
-            return {}
+            return self._history.get(prompt_id, max_items, offset, map_function)
 
     def forget_history(self, prompt_id=None) -> None:
         with self._lock:
@@ -323,7 +304,7 @@ class LocalScheduler(Scheduler):
                 self._history.clear()
                 if self.journal is not None:
                     self.journal.forget_history()
-            elif self._history.pop(prompt_id, None) is not None and self.journal is not None:
+            elif self._history.pop(prompt_id) is not None and self.journal is not None:
                 self.journal.forget([prompt_id])
 
     # ---- inside the lock ---------------------------------------------------------------------
@@ -370,7 +351,8 @@ class LocalScheduler(Scheduler):
         self._forget_waiting(prompt.prompt_id)
 
     def _grant(self, prompt: QueuedPrompt, gpus: tuple) -> Lease:
-        lease = Lease(next(self._lease_ids), prompt, gpus)
+        # As stock's PromptQueue.get: history records a copy made before the executor ran the prompt.
+        lease = Lease(next(self._lease_ids), prompt, gpus, record=copy.deepcopy(prompt.public()))
         for gpu in gpus:                   # ascending: the one global order
             self._slots[gpu].lease = lease
         self.wake()                        # these workers are busy now: their auto prompts may move

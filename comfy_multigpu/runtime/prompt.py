@@ -104,6 +104,7 @@ class Lease:
     started: float = field(default_factory=time.monotonic)      # monotonic
     started_wall: float = field(default_factory=time.time)
     ended: threading.Event = field(default_factory=threading.Event, repr=False)
+    record: tuple = field(default=(), repr=False)   # the prompt as it was at the start (history)
 
     @property
     def gpu_id(self) -> int:
