@@ -113,7 +113,7 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     wiring = _Wiring(srv)
     try:
         journal_text = _open_journal(settings, pool)
-        Metrics(pool)
+        pool.observe(Metrics(pool))
         queue = srv.prompt_queue
         wiring.add_middleware(api_middleware.make_middleware(queue, api_routes.OVERRIDES))
         wiring.add_routes(lambda routes: api_routes.add_routes(routes, queue))

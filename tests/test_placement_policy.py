@@ -136,3 +136,11 @@ def test_a_pinned_prompt_is_never_overtaken_for_affinity():
                Waiting("auto-a", 1, 5, frozenset({"ckpt_name:a"})), Waiting("auto-c", 2, 0, frozenset({"ckpt_name:c"}))]
     assert choose_next(5, ("ckpt_name:a",), waiting, max_overtakes=8).prompt_id == "pinned-c"
     assert choose_next(5, ("ckpt_name:a",), waiting, max_overtakes=0).prompt_id == "auto-a"   # FIFO
+
+
+@pytest.mark.parametrize("base, priority", [(0, None), (7, None), (3, "high"), (0, "high"), (12, "low"),
+                                            (5, "normal"), (999, "high")])
+def test_base_number_inverts_queue_number(base, priority):
+    from comfy_multigpu.policy.placement import base_number, queue_number
+    assert base_number(queue_number(base, priority)) == base
+    assert base_number(-base) == base                        # stock "front": the counter negated

@@ -215,3 +215,32 @@ def test_a_worker_whose_loop_dies_fails_its_prompt_restarts_and_runs_the_next(ma
     history = wait_done(pool, ["dies", "next"])
     assert history["dies"]["status"]["status_str"] == "error"
     assert history["next"]["status"]["status_str"] == "success"
+
+
+def test_a_free_sent_while_a_prompt_runs_is_done_before_the_next_prompt(make_pool):
+    pool, host = make_pool(1)
+    host.gates["hold"] = threading.Event()
+    pool.scheduler.admit(prompt("first", 0, gate="hold"))
+    wait_busy(pool, 0)
+    pool.scheduler.admit(prompt("next", 1, seconds=0.01))
+    pool.scheduler.post([0], "unload_models", True)
+    host.gates["hold"].set()
+    wait_done(pool, ["first", "next"])
+    next_start = next(start for pid, _, start, _ in host.ran if pid == "next")
+    assert len(host.unloaded) == 1 and host.unloaded[0] < next_start
+
+
+def test_after_a_restore_new_prompts_queue_after_the_restored_ones_in_every_band(tmp_path):
+    from comfy_multigpu.policy.placement import queue_number
+    from comfy_multigpu.runtime.journal import Journal
+    from comfy_multigpu.runtime.local_scheduler import LocalScheduler
+    journal = Journal(str(tmp_path / "journal.sqlite3"))
+    for pid, number in (("n5", 5), ("h3", queue_number(3, "high")), ("l7", queue_number(7, "low"))):
+        journal.accepted(prompt(pid, number))
+    members = WorkerPool([("cpu", "cpu")], PoolOptions(), host=FakeHost()).workers
+    scheduler = LocalScheduler(members, journal=journal)
+    assert scheduler.restore(journal) == (0, 3)
+    assert scheduler.number_floor == 8                      # past the highest counter value, 7
+    assert scheduler.stock_number(0) == 8 and scheduler.stock_number(2) == 10
+    assert scheduler.stock_number(-0.0, front=True) == -8     # stock's first "front" prompt: -0
+    assert queue_number(scheduler.stock_number(0), "high") > queue_number(3, "high")

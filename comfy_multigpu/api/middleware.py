@@ -80,6 +80,7 @@ def make_middleware(queue, overrides: Mapping[tuple, Override]):
             return error_response(ex, path)
         if duplicate is not None:
             return web.json_response(duplicate)
+        scope.body = data
         token = current_request.set(scope)
         try:
             override = overrides.get((method, path))

@@ -38,7 +38,9 @@ class MultiQueue:
         where = routing.resolve(scope.target if scope is not None else None,
                                 scope.headers if scope is not None else {}, item[3],
                                 self.scheduler.pools, self.scheduler.default_pool)
-        number = placement.queue_number(self.scheduler.stock_number(item[0]), where.priority)
+        body = scope.body if scope is not None else {}
+        number = item[0] if "number" in body else self.scheduler.stock_number(item[0], bool(body.get("front")))
+        number = placement.queue_number(number, where.priority)
         prompt = QueuedPrompt.from_stock((number,) + tuple(item[1:]), target=where.target, pool=where.pool,
                                          eligible=where.eligible, priority=where.priority)
         gpu = self.scheduler.admit(prompt)
@@ -53,7 +55,7 @@ class MultiQueue:
 
     def get_current_queue_volatile(self):
         running, pending = self.scheduler.queue_items(self._scope())
-        return [p.stock() for p in running], [p.stock() for p in pending]
+        return [lease.record for lease in running], [p.stock() for p in pending]
 
     def get_tasks_remaining(self) -> int:
         return self.scheduler.tasks_remaining(self._scope())
@@ -95,10 +97,10 @@ class MultiQueue:
         return self.scheduler.history(prompt_id, max_items, offset, map_function)
 
     def wipe_history(self) -> None:
-        self.scheduler.forget_history()
+        self.scheduler.clear_history()
 
     def delete_history_item(self, id_to_delete) -> None:
-        self.scheduler.forget_history(id_to_delete)
+        self.scheduler.forget_history(id_to_delete)      # an unknown id (None included): nothing
 
     # ---- /queue/all ------------------------------------------------------------------------
     def all_queues(self, counts_only: bool) -> dict:
@@ -113,7 +115,7 @@ class MultiQueue:
                 entry["lease"] = {"prompt_id": lease.prompt_id, "gpus": list(lease.gpu_ids),
                                   "rank": lease.rank_of(worker.gpu_id)}
             if not counts_only:
-                entry["queue_running"] = [p.public() for p in q.running]
+                entry["queue_running"] = [lease.record[:5] for lease in q.leases if lease.gpu_id == worker.gpu_id]
                 entry["queue_pending"] = [p.public() for p in q.pending]
             queues.append(entry)
         pool = self.pool

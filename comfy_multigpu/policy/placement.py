@@ -20,6 +20,17 @@ def queue_number(number: float, priority: Optional[str]) -> float:
     return {"high": base - PRIORITY_SPAN, "normal": base, "low": base + PRIORITY_SPAN}[priority]
 
 
+def base_number(number: float) -> float:
+    """The counter value a queue number was made from (queue_number's inverse): high-priority numbers
+    lie in [-PRIORITY_SPAN, -PRIORITY_SPAN/2), stock "front" ones (-counter) above that, low ones at or
+    past PRIORITY_SPAN."""
+    if number < -PRIORITY_SPAN / 2:
+        return number + PRIORITY_SPAN
+    if number < 0:
+        return -number
+    return number - PRIORITY_SPAN if number >= PRIORITY_SPAN else number
+
+
 def priority_rank(number: float) -> int:
     """0 high (also stock's "front"), 1 normal, 2 low."""
     return 0 if number < 0 else (2 if number >= PRIORITY_SPAN else 1)

@@ -27,6 +27,7 @@ class RequestScope:
     placed_pool: Optional[str] = None
     placed_number: Optional[float] = None
     dashboard: bool = False            # GET /ws?multigpu=1: the socket subscribes to multigpu_state
+    body: dict = field(default_factory=dict)   # the checked JSON body (POST /prompt: "number", "front")
 
 
 current_request: contextvars.ContextVar[Optional[RequestScope]] = contextvars.ContextVar(

@@ -1,6 +1,7 @@
 """HostState: the per-prompt state ComfyUI keeps in process globals, held once per worker. Only the
-host patches (host/worker_attrs.py, host/execution_state.py) read and write it, always the calling
-worker's own (runtime.context.current_worker). Host objects touched: none.
+host patches (host/worker_attrs.py, host/execution_state.py) write it, always the calling worker's own
+(runtime.context.current_worker); worker_attrs also reads other workers' (a reconnecting client's
+current node). Host objects touched: none.
 """
 from __future__ import annotations
 

@@ -57,4 +57,8 @@ class Drain:
     def _stop_loop(self) -> None:
         def stop():
             raise KeyboardInterrupt("comfy-multigpu drain finished")   # main.py's Ctrl-C path: clean exit
-        self.pool.server.loop.call_soon_threadsafe(stop)
+        server = self.pool.server
+        if server is None:               # SIGTERM before the workers launched
+            import server as comfy_server
+            server = comfy_server.PromptServer.instance
+        server.loop.call_soon_threadsafe(stop)

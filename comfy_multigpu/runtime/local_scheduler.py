@@ -55,9 +55,10 @@ class LocalScheduler(Scheduler):
         self.number_floor = 0                  # stock numbers start after the restored prompts'
 
     # ---- admission -------------------------------------------------------------------------
-    def stock_number(self, number: float) -> float:
-        """Stock's counter value moved past the restored prompts (sign kept: "front" is negative)."""
-        return number + self.number_floor if number >= 0 else number - self.number_floor
+    def stock_number(self, number: float, front: bool = False) -> float:
+        """A number from stock's counter (server.number, negated for "front") moved past the restored
+        prompts, so that new prompts queue after them; ComfyUI's counter itself is left alone."""
+        return number - self.number_floor if front or number < 0 else number + self.number_floor
 
     def admit(self, prompt: QueuedPrompt, restoring: bool = False) -> int:
         with self._lock:
@@ -101,7 +102,7 @@ class LocalScheduler(Scheduler):
             self.admit(QueuedPrompt.from_stock((u.number, u.prompt_id, u.prompt, u.extra_data, u.outputs),
                                                target=target, pool=name, eligible=eligible), restoring=True)
             requeued += 1
-            highest = max(highest, abs(u.number) % placement.PRIORITY_SPAN)
+            highest = max(highest, placement.base_number(u.number))
         if requeued:       # new prompts queue after the restored ones
             self.number_floor = max(self.number_floor, int(highest) + 1)
         return len(self._history), requeued
@@ -133,40 +134,52 @@ class LocalScheduler(Scheduler):
     # ---- leases ----------------------------------------------------------------------------
     def take_next(self, gpu_id: int) -> Optional[Lease]:
         with self._lock:
-            slot = self._slots[gpu_id]
-            if self._draining or self._closed or slot.lease is not None:
-                return None
-            waiting = self._startable(gpu_id)
-            while True:
-                chosen = placement.choose_next(gpu_id, self._members[gpu_id].recent_models(), waiting,
-                                               self.max_overtakes)
-                if chosen is None:
-                    return None
-                prompt = self._waiting[chosen.prompt_id][1]
-                gpus = self._gang_for(gpu_id, prompt)
-                if gpus is not None:
-                    break
-                waiting = [w for w in waiting if w is not chosen]     # not enough idle GPUs yet
-            for prompt_id in placement.overtaken_by(gpu_id, chosen, waiting):
-                self._overtaken[prompt_id] = self._overtaken.get(prompt_id, 0) + 1
-            self._unqueue(chosen.owner, prompt)
-            if chosen.owner != gpu_id:
-                logger.info("[GPU %s] Took over prompt %s waiting behind GPU %s", gpu_id, prompt.prompt_id,
-                            chosen.owner)
-            lease = self._grant(prompt, gpus)
-        self._changed()
+            lease = self._take(gpu_id)
+        if lease is not None:
+            self._changed()
         return lease
 
     def wait_next(self, gpu_id: int) -> tuple[Optional[Lease], dict]:
+        """Messages first (a /free or /preload sent while a prompt ran is done right after it), then
+        the next lease; notifications go out after the lock is released."""
         slot = self._slots[gpu_id]
         with self._lock:
-            while not self._closed:
-                lease = self.take_next(gpu_id)
-                if lease is not None or slot.mailbox:
+            while True:
+                if self._closed:
+                    return None, {}
+                if slot.mailbox:
                     messages, slot.mailbox = slot.mailbox, {}
-                    return lease, messages
+                    return None, messages
+                lease = self._take(gpu_id)
+                if lease is not None:
+                    break
                 slot.cond.wait()
-            return None, {}
+        self._changed()
+        return lease, {}
+
+    def _take(self, gpu_id: int) -> Optional[Lease]:
+        """take_next inside the lock, without notifying."""
+        slot = self._slots[gpu_id]
+        if self._draining or self._closed or slot.lease is not None:
+            return None
+        waiting = self._startable(gpu_id)
+        while True:
+            chosen = placement.choose_next(gpu_id, self._members[gpu_id].recent_models(), waiting,
+                                           self.max_overtakes)
+            if chosen is None:
+                return None
+            prompt = self._waiting[chosen.prompt_id][1]
+            gpus = self._gang_for(gpu_id, prompt)
+            if gpus is not None:
+                break
+            waiting = [w for w in waiting if w is not chosen]     # not enough idle GPUs yet
+        for prompt_id in placement.overtaken_by(gpu_id, chosen, waiting):
+            self._overtaken[prompt_id] = self._overtaken.get(prompt_id, 0) + 1
+        self._unqueue(chosen.owner, prompt)
+        if chosen.owner != gpu_id:
+            logger.info("[GPU %s] Took over prompt %s waiting behind GPU %s", gpu_id, prompt.prompt_id,
+                        chosen.owner)
+        return self._grant(prompt, gpus)
 
     def lease_workers(self, prompt: QueuedPrompt, gpu_ids: Sequence[int]) -> Optional[Lease]:
         gpus = tuple(sorted(set(gpu_ids)))
@@ -186,7 +199,7 @@ class LocalScheduler(Scheduler):
 
     def finish(self, lease: Lease, result: dict, status: ExecutionStatus, run_s: float = 0.0) -> dict:
         prompt = lease.prompt
-        entry = {"prompt": lease.record or prompt.public(), "outputs": {}, "status": copy.deepcopy(status._asdict())}
+        entry = {"prompt": lease.record[:5], "outputs": {}, "status": copy.deepcopy(status._asdict())}
         entry.update(result)
         entry["gpu_id"] = lease.gpu_id
         if len(lease.gpu_ids) > 1:
@@ -285,7 +298,7 @@ class LocalScheduler(Scheduler):
             for gpu in self._gpus(gpus):
                 slot = self._slots[gpu]
                 if slot.lease is not None and slot.lease.gpu_id == gpu:
-                    running.append(slot.lease.prompt)
+                    running.append(slot.lease)
                 pending.extend(entry[2] for entry in slot.pending)
         pending.sort(key=lambda p: p.order)
         return running, pending
@@ -298,14 +311,16 @@ class LocalScheduler(Scheduler):
         with self._lock:
             return self._history.get(prompt_id, max_items, offset, map_function)
 
-    def forget_history(self, prompt_id=None) -> None:
+    def forget_history(self, prompt_id) -> None:
         with self._lock:
-            if prompt_id is None:
-                self._history.clear()
-                if self.journal is not None:
-                    self.journal.forget_history()
-            elif self._history.pop(prompt_id) is not None and self.journal is not None:
+            if self._history.pop(prompt_id) is not None and self.journal is not None:
                 self.journal.forget([prompt_id])
+
+    def clear_history(self) -> None:
+        with self._lock:
+            self._history.clear()
+            if self.journal is not None:
+                self.journal.forget_history()
 
     # ---- inside the lock ---------------------------------------------------------------------
     def _gpus(self, gpus) -> list:
@@ -352,7 +367,7 @@ class LocalScheduler(Scheduler):
 
     def _grant(self, prompt: QueuedPrompt, gpus: tuple) -> Lease:
         # As stock's PromptQueue.get: history records a copy made before the executor ran the prompt.
-        lease = Lease(next(self._lease_ids), prompt, gpus, record=copy.deepcopy(prompt.public()))
+        lease = Lease(next(self._lease_ids), prompt, gpus, record=copy.deepcopy(prompt.stock()))
         for gpu in gpus:                   # ascending: the one global order
             self._slots[gpu].lease = lease
         self.wake()                        # these workers are busy now: their auto prompts may move
@@ -381,5 +396,10 @@ class LocalScheduler(Scheduler):
         return startable(gpu_id, self._slots, self._members, self._waiting, self._overtaken)
 
     def _changed(self) -> None:
+        """Tell listeners the queues changed (outside the lock); a listener's failure is logged, never
+        raised into the caller that changed the queues."""
         if self.on_change is not None:
-            self.on_change()
+            try:
+                self.on_change()
+            except Exception:
+                logger.warning("comfy-multigpu: queue-change notification failed", exc_info=True)

@@ -79,8 +79,10 @@ class QueueSnapshot:
 class Scheduler(abc.ABC):
     """Admit, cancel, take the next lease for a worker, lease a set of workers, requeue, finish, view."""
 
-    pools: dict
+    pools: dict                     # pool name -> GPUs
     default_pool: Optional[str]
+    limits: object                  # policy.admission.Limits (queue caps)
+    mean_run_s: float               # moving average of run time (Retry-After)
 
     # ---- admission -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -88,6 +90,15 @@ class Scheduler(abc.ABC):
         """Queue `prompt` (pinned to prompt.target, else placed in its pool); returns the GPU whose
         queue holds it. Durable before it returns. Raises DuplicatePrompt or policy.errors.ApiError
         (429 over a cap, 503 draining or not durable) before anything is queued."""
+
+    @abc.abstractmethod
+    def stock_number(self, number: float, front: bool = False) -> float:
+        """The queue number of a prompt ComfyUI numbered with its own counter (server.number; negated
+        for "front"): moved past prompts this scheduler put back after a restart."""
+
+    @abc.abstractmethod
+    def restore(self, journal) -> tuple[int, int]:
+        """Start-up: history and unfinished prompts back from `journal`; returns (history, requeued)."""
 
     @abc.abstractmethod
     def cancel(self, match: Callable[[QueuedPrompt], bool], gpus: Optional[Iterable[int]] = None,
@@ -111,7 +122,8 @@ class Scheduler(abc.ABC):
 
     @abc.abstractmethod
     def requeue(self, lease: Lease) -> None:
-        """End `lease` without a result: its prompt waits again where it was (same number)."""
+        """End `lease` without a result: its prompt waits again with the same number, a pinned one on
+        its GPU, an auto one in rank 0's queue (from where any free worker of its pool may take it)."""
 
     @abc.abstractmethod
     def finish(self, lease: Lease, result: dict, status: ExecutionStatus, run_s: float = 0.0) -> dict:
@@ -123,6 +135,11 @@ class Scheduler(abc.ABC):
         """A message for workers to act on between prompts (/free flags, /preload requests)."""
 
     # ---- state -----------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def draining(self) -> bool:
+        """Nothing new starts (SIGTERM)."""
+
     @abc.abstractmethod
     def start_draining(self) -> bool:
         """Start nothing new from now on; False if it was already draining."""
@@ -130,6 +147,10 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Shutdown: every wait_next returns (None, {}); idempotent."""
+
+    @abc.abstractmethod
+    def check_health(self, now: float, limit_s: float) -> None:
+        """Watchdog: a lease older than `limit_s` (monotonic seconds) takes its GPUs out of placement."""
 
     @abc.abstractmethod
     def wake(self) -> None:
@@ -146,7 +167,7 @@ class Scheduler(abc.ABC):
 
     @abc.abstractmethod
     def queue_items(self, gpus: Optional[Iterable[int]] = None) -> tuple[list, list]:
-        """(running, pending) QueuedPrompts of `gpus` (None: all), pending in queue order."""
+        """(running Leases, pending QueuedPrompts) of `gpus` (None: all), pending in queue order."""
 
     @abc.abstractmethod
     def tasks_remaining(self, gpus: Optional[Iterable[int]] = None) -> int:
@@ -157,5 +178,9 @@ class Scheduler(abc.ABC):
         """Same contract as execution.PromptQueue.get_history; entries carry gpu_id."""
 
     @abc.abstractmethod
-    def forget_history(self, prompt_id: Optional[str] = None) -> None:
-        """Delete one history entry, or all of them (None)."""
+    def forget_history(self, prompt_id: str) -> None:
+        """Delete one history entry (an unknown id: nothing)."""
+
+    @abc.abstractmethod
+    def clear_history(self) -> None:
+        """Delete every history entry."""

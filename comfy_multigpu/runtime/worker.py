@@ -156,6 +156,7 @@ class GpuWorker:
         while not self.pool.stopping:
             try:
                 self._loop(server)
+                break                           # the scheduler closed: shutdown
             except BaseException as ex:       # noqa: B036 - nothing may end this thread
                 self.up = False
                 self.restarts += 1

@@ -50,6 +50,7 @@ class FakeHost:
         self.lock = threading.Lock()
         self.ran = []
         self.gates: dict[str, threading.Event] = {}
+        self.unloaded: list[float] = []           # when /free unloaded models (monotonic)
 
     def new_executor(self, server):
         return FakeExecutor(self)
@@ -67,7 +68,7 @@ class FakeHost:
         pass
 
     def unload_models(self):
-        pass
+        self.unloaded.append(time.monotonic())
 
     def free_memory(self, device):
         return 0
