@@ -18,7 +18,7 @@ from ..policy.errors import ApiError
 from .history import History
 from .prompt import ExecutionStatus, Lease, QueuedPrompt
 from .scheduler import DuplicatePrompt, GpuQueue, Member, QueueSnapshot, Scheduler
-from .startable import queue_order, startable
+from .startable import gang_gpus, queue_order, startable
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -169,7 +169,7 @@ class LocalScheduler(Scheduler):
             if chosen is None:
                 return None
             prompt = self._waiting[chosen.prompt_id][1]
-            gpus = self._gang_for(gpu_id, prompt)
+            gpus = gang_gpus(gpu_id, prompt, [self._is_free(g) for g in range(len(self._slots))])
             if gpus is not None:
                 break
             waiting = [w for w in waiting if w is not chosen]     # not enough idle GPUs yet
@@ -380,17 +380,6 @@ class LocalScheduler(Scheduler):
                 slot.lease = None
         lease.ended.set()
         self.wake()
-
-    def _gang_for(self, gpu_id: int, prompt: QueuedPrompt) -> Optional[tuple]:
-        """The GPUs a lease of `prompt` started by `gpu_id` takes: itself, plus gang-1 other free GPUs
-        of its pool (lowest index first); None if there are not enough free ones now."""
-        if prompt.gang <= 1:
-            return (gpu_id,)
-        others = [g for g in range(len(self._slots)) if g != gpu_id and self._is_free(g)
-                  and (prompt.eligible is None or g in prompt.eligible)]
-        if len(others) < prompt.gang - 1:
-            return None
-        return (gpu_id,) + tuple(others[:prompt.gang - 1])
 
     def _startable(self, gpu_id: int) -> list:
         return startable(gpu_id, self._slots, self._members, self._waiting, self._overtaken)

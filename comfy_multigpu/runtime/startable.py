@@ -1,5 +1,6 @@
 """What a free worker may start: the first placement.LOOKAHEAD prompts of its pool in queue order,
-read off the scheduler's heaps without changing them (pure reads under the scheduler's lock).
+read off the scheduler's heaps without changing them, and the GPUs a gang lease would take (pure
+reads under the scheduler's lock).
 Host objects touched: none.
 """
 from __future__ import annotations
@@ -73,3 +74,15 @@ def first_pinned(heap: list, waiting_index: dict) -> Optional[QueuedPrompt]:
             return where[1]
         heapq.heappop(heap)
     return None
+
+
+def gang_gpus(gpu_id: int, prompt: QueuedPrompt, free: list) -> Optional[tuple]:
+    """The GPUs a lease of `prompt` started by `gpu_id` takes: itself, plus gang-1 other free GPUs of
+    its pool (lowest index first; `free[g]` says whether GPU g is free); None if too few are free now."""
+    if prompt.gang <= 1:
+        return (gpu_id,)
+    others = [g for g, is_free in enumerate(free) if g != gpu_id and is_free
+              and (prompt.eligible is None or g in prompt.eligible)]
+    if len(others) < prompt.gang - 1:
+        return None
+    return (gpu_id,) + tuple(others[:prompt.gang - 1])
