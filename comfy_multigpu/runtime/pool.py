@@ -125,7 +125,9 @@ class WorkerPool:
 
     def shutdown(self, timeout: float = 10.0) -> list[str]:
         """Stop every thread the pool started and join them (idempotent); running prompts are
-        interrupted. Returns the names of threads still alive after `timeout`."""
+        interrupted and end as errors in history (and the journal). Returns the names of threads still
+        alive after `timeout`. For tests and embedders: a server stops through the SIGTERM drain
+        (lifecycle.py), which lets running prompts finish and keeps waiting ones for the next start."""
         self._stopping.set()
         self.scheduler.close()
         with self._gc_cond:
@@ -189,8 +191,12 @@ class WorkerPool:
             self.server.queue_updated()
 
     # ---- events of one prompt (called by its worker) --------------------------------------------
+    def note_started(self, lease) -> None:
+        """A lease began on its workers (rank 0 calls this): the dashboard's strips and busy share."""
+        self.board.note_started(lease)
+
     def note_finished(self, gpu_id: int, outcome: str, run_s: float, wait_s: Optional[float]) -> None:
-        self.board.note_finished(gpu_id)
+        self.board.note_finished(gpu_id, outcome, run_s)
         for listener in self.finish_listeners:
             listener(gpu_id, outcome, run_s, wait_s)
 
