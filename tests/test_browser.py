@@ -1,5 +1,7 @@
 """The stock ComfyUI web UI and the dashboard in a real browser: Debian's Chromium driven by
-Playwright (executable_path, no browser download), against a real ComfyUI with 2 CPU workers."""
+Playwright (executable_path, no browser download), against a real ComfyUI with 2 CPU workers: the GPU
+picker and queue tab, the dashboard's live cards, its charts and strips (filled by prompts on both
+GPUs, drawn as /multigpu/state says) at desktop and phone width."""
 import time
 
 import pytest
@@ -143,6 +145,97 @@ def test_the_dashboard_updates_live_and_fits_a_phone(ui2, browser, shots):
             page.wait_for_selector('section.card[data-gpu="1"][data-state="idle"]', timeout=30_000)
         finally:
             context.close()
+
+
+def drawn(page, series: str, gpu) -> dict:
+    """{bucket start: value} of a chart as the page drew it (its data attributes)."""
+    start, step, values = page.evaluate("""([series, gpu]) => {
+        const svg = document.querySelector(`svg.spark[data-series="${series}"][data-gpu="${gpu}"]`);
+        return [Number(svg.dataset.start), Number(svg.dataset.bucket), svg.dataset.values];
+    }""", [series, str(gpu)])
+    return {round(start + i * step, 3): float(v) for i, v in enumerate(values.split(",")) if v != ""}
+
+
+def served(state: dict, series: str, gpu) -> dict:
+    """{bucket start: value} of the same series in /multigpu/state."""
+    window = state["series"]
+    row = window["all"] if gpu == "all" else window["gpus"][gpu]
+    return {round(window["start"] + i * window["bucket_s"], 3): v for i, v in enumerate(row[series]) if v is not None}
+
+
+BUSY_SETTLED = """(gpus) => gpus.every(g => {
+    const svg = document.querySelector(`svg.spark[data-series="busy"][data-gpu="${g}"]`);
+    return svg && svg.dataset.values.split(",").slice(0, -1).some(v => Number(v) > 0);
+})"""  # busy drawn in a bucket that is over (the last one is still filling)
+
+
+def test_the_charts_and_strips_fill_in_and_draw_what_the_state_says(ui2, browser, shots):
+    """Prompts on both GPUs: each card's strip gets their blocks live (running, then success), the busy
+    charts fill in, a block tells its prompt on hover (desktop) and on a tap (phone), the screenshots
+    are not blank, nothing is wider than a phone, and the busy share drawn is /multigpu/state's bucket
+    for bucket (the bucket still filling aside: within one bucket)."""
+    sent = []
+    for viewport, name, touch in (({"width": 1280, "height": 900}, "dashboard-charts", False),
+                                  ({"width": 390, "height": 844}, "dashboard-charts-phone", True)):
+        context = browser.new_context(viewport=viewport, has_touch=touch, is_mobile=touch)
+        page = context.new_page()
+        try:
+            page.goto(f"{ui2.url}/multigpu/", wait_until="domcontentloaded")
+            page.wait_for_function("document.getElementById('conn').textContent === 'live'", timeout=30_000)
+            page.wait_for_selector('section.card[data-gpu="1"] svg.strip', timeout=30_000)
+            if not sent:                        # desktop: sent while the page watches (pushes fill it)
+                sent = [ui2.submit(wf.standin("dash-model", 1.5, load_seconds=0.1), gpu=0)["prompt_id"],
+                        ui2.submit(wf.sleep(2.0, 31), gpu=1)["prompt_id"],
+                        ui2.submit(wf.sleep(0.5, 32), gpu=1)["prompt_id"]]
+                page.wait_for_selector(f'section.card[data-gpu="1"] rect[data-prompt="{sent[1]}"]'
+                                       '[data-outcome="running"]', timeout=30_000)
+                ui2.wait(sent)
+            for gpu, pid in ((0, sent[0]), (1, sent[1]), (1, sent[2])):
+                page.wait_for_selector(f'section.card[data-gpu="{gpu}"] rect[data-prompt="{pid}"]'
+                                       '[data-outcome="success"]', timeout=30_000)
+            page.wait_for_function(BUSY_SETTLED, arg=["0", "1", "all"], timeout=30_000)
+            block = page.locator(f'section.card[data-gpu="0"] rect[data-prompt="{sent[0]}"]')
+            block.tap() if touch else block.hover()
+            page.wait_for_function("(pid) => document.querySelector('section.card[data-gpu=\"0\"] .tip')"
+                                   ".textContent.includes(pid)", arg=sent[0], timeout=10_000)
+            tip = page.locator('section.card[data-gpu="0"] .tip').inner_text()
+            assert "dash-model" in tip and " s" in tip and "success" in tip, tip
+            assert non_blank(page.screenshot(path=str(shots / f"{name}.png"), full_page=True))
+            assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+            for gpu in (0, 1, "all"):
+                pictured = drawn(page, "busy", gpu)
+                state = ui2.get("/multigpu/state")
+                truth = served(state, "busy", gpu)
+                settled = sorted(pictured)[:-1]             # the last bucket drawn was still filling
+                assert any(pictured[t] > 0 for t in settled), (gpu, pictured)
+                assert all(abs(pictured[t] - truth[t]) <= 1e-3 for t in settled if t in truth), (gpu, pictured, truth)
+                common = [t for t in pictured if t in truth]   # the one still filling: within one bucket
+                assert abs(sum(pictured[t] for t in common) - sum(truth[t] for t in common)) <= 1.0
+        finally:
+            context.close()
+
+
+def test_a_lease_of_several_gpus_is_one_outlined_block_on_each_of_its_strips(ui2, browser):
+    """No HTTP request asks for a gang lease yet: the page gets the server's own state with one such
+    run added (runtime tests cover the timeline recording it) and draws it on both strips."""
+    state = ui2.get("/multigpu/state")
+    now = state["series"]["now"]
+    state["runs"].append({"id": 10 ** 9, "prompt_id": "gang-prompt", "gpus": [1, 0], "start": now - 30,
+                          "end": now - 20, "outcome": "success", "model": "ckpt_name:gang.safetensors"})
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    try:
+        page.route("**/multigpu/state", lambda route: route.fulfill(json=state))
+        page.goto(f"{ui2.url}/multigpu/", wait_until="domcontentloaded")
+        for gpu in (0, 1):
+            page.wait_for_selector(f'section.card[data-gpu="{gpu}"] rect.gang[data-prompt="gang-prompt"]',
+                                   timeout=30_000)
+        page.locator('section.card[data-gpu="1"] rect[data-prompt="gang-prompt"]').tap()
+        for gpu in (0, 1):
+            tip = page.locator(f'section.card[data-gpu="{gpu}"] .tip').inner_text()
+            assert "gang-prompt" in tip and "10.0 s" in tip and "gang.safetensors" in tip and "GPUs 1+0" in tip
+    finally:
+        context.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Prometheus metrics, the per-prompt log line, the dashboard's state and its WebSocket pushes,
+"""Prometheus metrics, the per-prompt log line, the dashboard's state (cards, 15-minute series and
+runs) and its WebSocket pushes (only to subscribed sockets, throttled, carrying only the last buckets),
 against a real ComfyUI with 2 CPU workers."""
 import asyncio
 import json
@@ -93,6 +94,14 @@ def test_the_dashboard_state_and_page(mon2):
     assert [g["gpu_id"] for g in state["gpus"]] == [0, 1]
     assert {"state", "running", "progress", "pending", "models", "memory", "per_minute", "device"} <= set(state["gpus"][0])
     assert set(state["totals"]) == {"running", "pending", "per_minute", "gpus_up"}
+    window = state["series"]
+    assert window["count"] == 180 and window["bucket_s"] == 5 and not window["tail"]
+    assert [r["gpu_id"] for r in window["gpus"]] == [0, 1]
+    for row in window["gpus"] + [window["all"]]:
+        assert all(len(row[f]) == 180 for f in ("busy", "finished", "waiting", "memory"))
+    assert window["gpus"][0]["memory_kind"] == window["all"]["memory_kind"] == "ram_cache"   # CPU workers
+    assert window["start"] <= state["time"] < window["start"] + 180 * 5
+    assert isinstance(state["runs"], list)
     page = mon2.request("GET", "/multigpu/").decode()
     assert "<title>comfy-multigpu</title>" in page and "multigpu=1" in page
 
@@ -117,15 +126,22 @@ async def _listen(url, plan):
 
 def test_only_subscribed_sockets_get_live_state_with_progress(mon2):
     def plan():
-        pid = mon2.submit(wf.sleep(1.5, 5), gpu=1)["prompt_id"]
-        mon2.wait(pid)
+        sent.append(mon2.submit(wf.sleep(1.5, 5), gpu=1)["prompt_id"])
+        mon2.wait(sent[0])
+    sent = []
     got = asyncio.run(_listen(mon2.url, plan))
+    pid = sent[0]
     states = [m["data"] for m in got["sub"] if m["type"] == "multigpu_state"]
     assert not [m for m in got["plain"] if m["type"] == "multigpu_state"]
     busy = [s["gpus"][1] for s in states if s["gpus"][1]["state"] != "idle"]
     assert busy, "no push while GPU 1 was busy"
     assert any(c["progress"] and c["progress"]["max"] > 0 for c in busy), "no live progress pushed"
     assert states[-1]["gpus"][1]["state"] == "idle"
+    assert all(s["series"]["tail"] and len(s["series"]["gpus"][1]["busy"]) == 2 for s in states)   # small pushes
+    assert any(r["prompt_id"] == pid and r["gpus"] == [1] and r["end"] is None for s in states for r in s["runs"])
+    (done,) = [r for r in states[-1]["runs"] if r["prompt_id"] == pid]
+    assert done["outcome"] == "success" and done["end"] - done["start"] >= 1.5
+    assert sum(states[-1]["series"]["gpus"][1]["finished"]) >= 1
     gaps = [b["time"] - a["time"] for a, b in zip(states, states[1:])]
     assert all(g >= 0.2 for g in gaps), f"pushes closer than the throttle: {gaps}"
 

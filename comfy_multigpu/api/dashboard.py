@@ -1,11 +1,15 @@
 """Live per-GPU state for the dashboard (/multigpu/) and the web-UI panel.
 
 - snapshot(pool): one JSON-able dict: a card per GPU (state, running prompt and its progress, pending,
-  models, memory, recent throughput) and totals. Also served at GET /multigpu/state.
+  models, memory, recent throughput), totals, and the 15-minute series and runs of the charts
+  (runtime/timeline.py). Also served at GET /multigpu/state.
 - Live updates ride on ComfyUI's own WebSocket: a client that opens `/ws?clientId=ID&multigpu=1`
-  subscribes and gets `multigpu_state` messages, at most PUSH_INTERVAL_S apart and only when
-  something changed (a prompt started, progressed or ended, the queue changed). Other clients,
-  the stock web UI included, never see them.
+  subscribes and gets `multigpu_state` messages, at most PUSH_INTERVAL_S apart, when something
+  changed (a prompt started, progressed or ended, the queue changed) and once per chart bucket; a
+  push carries only the last buckets and runs (tail). Other clients, the stock web UI included,
+  never see them.
+- The publisher also samples queue waiting and memory into the timeline (when something changed,
+  and at least once per bucket), whether or not a dashboard is open.
 Host objects touched: PromptServer.instance.sockets / send (through the pool's server).
 """
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-
+from ..runtime.timeline import ALL
 
 if TYPE_CHECKING:
     from ..runtime.pool import WorkerPool
@@ -38,7 +42,8 @@ def card_state(up: bool, healthy: bool, running: int, pending: int, cap: int) ->
     return "busy"
 
 
-def snapshot(pool: "WorkerPool") -> dict:
+def snapshot(pool: "WorkerPool", tail: bool = False) -> dict:
+    """The cards, totals and charts (tail: only the last buckets and runs, for a push)."""
     board = pool.board
     cap = pool.scheduler.limits.per_gpu
     snap = pool.scheduler.snapshot()
@@ -60,7 +65,21 @@ def snapshot(pool: "WorkerPool") -> dict:
             "totals": {"running": sum(1 for c in cards if c["running"]), "pending": sum(c["pending"] for c in cards),
                        "per_minute": round(sum(c["per_minute"] for c in cards), 2),
                        "gpus_up": sum(1 for c in cards if c["state"] != "down")},
-            "draining": snap.draining, "time": time.time()}
+            "draining": snap.draining, "time": time.time(),
+            **board.timeline.view([w.gpu_id for w in pool.workers], tail)}
+
+
+def sample(pool: "WorkerPool") -> None:
+    """Queue waiting and memory now into the timeline: device memory on CUDA workers, the shared RAM
+    cache on CPU workers (which share the host's RAM) and for the whole server."""
+    timeline = pool.board.timeline
+    snap = pool.scheduler.snapshot()
+    cache = pool.weights.totals() if pool.weights is not None else None
+    ram = (cache["bytes"], cache["budget_bytes"], "ram_cache") if cache else (None, None, None)
+    for w, q in zip(pool.workers, snap.gpus):
+        device = w.device_memory()
+        timeline.sample(w.gpu_id, q.pending_count, *(ram if device is None else (*device, "device")))
+    timeline.sample(ALL, snap.pending_count, *ram)
 
 
 def _memory(reading) -> dict | None:
@@ -68,20 +87,31 @@ def _memory(reading) -> dict | None:
 
 
 async def publisher(pool: "WorkerPool") -> None:
-    """Runs on ComfyUI's event loop: pushes `multigpu_state` to subscribers when something changed."""
+    """Runs on ComfyUI's event loop: samples the timeline and pushes `multigpu_state` (tail) to
+    subscribers when something changed, and at least once per chart bucket."""
     board = pool.board
+    warned = False
     while True:
         await asyncio.sleep(PUSH_INTERVAL_S)
-        if not board.dirty or not board.subscribers:
+        if not board.dirty and not board.timeline.due():
             continue
         board.dirty = False
+        try:
+            sample(pool)
+        except Exception:          # never end the publisher: the next round samples again
+            if not warned:
+                logger.warning("comfy-multigpu: dashboard sample failed (charts miss queue and memory "
+                               "figures; logged once)", exc_info=True)
+            warned = True
         server = pool.server
+        if not board.subscribers or server is None:
+            continue
         live = {sid for sid in board.subscribers if sid in server.sockets}
         board.subscribers.intersection_update(live)
         if not live:
             continue
         try:
-            state = snapshot(pool)
+            state = snapshot(pool, tail=True)
             for sid in live:
                 await server.send_json("multigpu_state", state, sid)
         except Exception:          # a closing socket: the next round drops it

@@ -1,10 +1,13 @@
-"""Live per-GPU facts for the dashboard: subscribed sockets, a dirty flag, recent completions and each
-GPU's current progress (fed by the WebSocket events workers send). Host objects touched: none.
+"""Live per-GPU facts for the dashboard: subscribed sockets, a dirty flag, recent completions, each
+GPU's current progress (fed by the WebSocket events workers send) and the 15-minute timeline of its
+charts (timeline.py). Host objects touched: none.
 """
 from __future__ import annotations
 
 import collections
 import time
+
+from .timeline import Timeline
 
 THROUGHPUT_WINDOW_S = 60.0
 
@@ -17,6 +20,7 @@ class Board:
         self.dirty = True
         self.finished: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.progress: dict[int, dict] = {}       # gpu -> {"prompt_id", "node", "value", "max"}
+        self.timeline = Timeline()                # charts and strips: busy, finished, waiting, memory, runs
 
     def touch(self) -> None:
         self.dirty = True                         # plain store: safe from any thread
@@ -36,7 +40,15 @@ class Board:
                                   "value": data.get("value", 0), "max": data.get("max", 0)}
         self.touch()
 
-    def note_finished(self, gpu: int) -> None:
+    def note_started(self, lease) -> None:
+        """A lease (runtime/prompt.py) began on its GPUs: a block on their strips from lease.started."""
+        models = sorted(lease.prompt.models)
+        self.timeline.started(lease.gpu_ids, lease.prompt_id, models[0] if models else None, lease.started)
+        self.touch()
+
+    def note_finished(self, gpu: int, outcome: str = "success", run_s: float = 0.0) -> None:
+        """The lease `gpu` ran (as rank 0) ended: per-minute count, its block on the strips closes."""
+        self.timeline.finished(gpu, outcome, run_s)
         now = time.monotonic()
         done = self.finished[gpu]
         done.append(now)

@@ -205,6 +205,7 @@ class GpuWorker:
         prompt = lease.prompt
         prompt_id = prompt.prompt_id
         server.last_prompt_id = prompt_id
+        self.pool.note_started(lease)
         self.pool.host.prompt_started()
         started = time.perf_counter()
         executor.history_result = {"outputs": {}, "meta": {}}
