@@ -21,13 +21,18 @@ from helpers.comfy_server import HttpError
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_helper(script: str, tag: str, comfyui_dir) -> dict:
+    """Run tests/helpers/<script> on the pinned host in a fresh interpreter; its "<tag> {json}" line."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / script), str(comfyui_dir)],
+                          capture_output=True, text=True, timeout=300)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith(tag + " ")), None)
+    assert line, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(line[len(tag) + 1:])
+
+
 @pytest.fixture(scope="module")
 def roundtrip(comfyui_dir):
-    proc = subprocess.run([sys.executable, str(REPO / "tests/helpers/patch_roundtrip.py"), str(comfyui_dir)],
-                          capture_output=True, text=True, timeout=300)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("ROUNDTRIP ")), None)
-    assert line, f"roundtrip script failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(line[len("ROUNDTRIP "):])
+    return run_helper("patch_roundtrip.py", "ROUNDTRIP", comfyui_dir)
 
 
 def test_every_patch_applies_on_the_pinned_host(roundtrip):
@@ -225,11 +230,7 @@ def test_manifest_kinds_are_known_and_isolation_defaults_to_false(tmp_path):
 
 @pytest.fixture(scope="module")
 def rollback(comfyui_dir):
-    proc = subprocess.run([sys.executable, str(REPO / "tests/helpers/activation_rollback.py"), str(comfyui_dir)],
-                          capture_output=True, text=True, timeout=300)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("ROLLBACK ")), None)
-    assert line, f"rollback script failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(line[len("ROLLBACK "):])
+    return run_helper("activation_rollback.py", "ROLLBACK", comfyui_dir)
 
 
 def test_activation_failing_after_apply_leaves_comfyui_stock(rollback):

@@ -6,7 +6,6 @@ inside a regular file), which fails after PatchSet.apply(): what it returned, it
 patches apply() had put on, and which manifest targets (attributes, the classes of
 PromptServer.instance and args, the SIGTERM handler) hold the identical originals afterwards.
 """
-import asyncio
 import json
 import logging
 import os
@@ -25,20 +24,12 @@ class Lines(logging.Handler):
 
 
 def main(comfyui_dir: str) -> dict:
-    sys.path.insert(0, comfyui_dir)
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    os.chdir(comfyui_dir)
-    sys.argv = ["main.py", "--cpu", "--disable-all-custom-nodes"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import main as comfy_main
-    import server
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pinned_host
+    comfy_main = pinned_host.load(comfyui_dir)
     from comfy_multigpu import activation
     from comfy_multigpu.host import patching
 
-    import comfy_api_nodes.util._helpers  # noqa: F401  (optional by-value targets, loaded as
-    import comfy_extras.mesh3d.postprocess.remesh  # noqa: F401  ComfyUI does with its nodes)
-    server.PromptServer(asyncio.new_event_loop())
     # In ComfyUI, main.py runs as __main__ and activation resolves "__main__:prompt_worker" through
     # sys.modules; here main.py was imported as "main", so it takes that place (this script's module
     # object stays referenced so its globals live on).

@@ -7,7 +7,6 @@ the rest is back), a shape mismatch (refused before anything changes), a failure
 (everything undone), and per-worker RAM-release callbacks with and without the patches.
 Targets include the process's SIGTERM handler (kind "signal"); this runs in the main thread.
 """
-import asyncio
 import collections
 import json
 import os
@@ -17,22 +16,14 @@ import threading
 
 
 def main(comfyui_dir: str) -> dict:
-    sys.path.insert(0, comfyui_dir)
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    os.chdir(comfyui_dir)
-    sys.argv = ["main.py", "--cpu", "--disable-all-custom-nodes"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import main as comfy_main       # main.py as a module: its prompt_worker / get_progress_state
-    import server
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pinned_host
+    comfy_main = pinned_host.load(comfyui_dir)     # main.py as a module: its prompt_worker / get_progress_state
     import torch
     from comfy_multigpu.host import patching
     from comfy_multigpu.runtime.context import current_worker
     from comfy_multigpu.runtime.pool import WorkerPool
 
-    import comfy_api_nodes.util._helpers  # noqa: F401  (optional by-value targets, loaded as
-    import comfy_extras.mesh3d.postprocess.remesh  # noqa: F401  ComfyUI does with its nodes)
-    server.PromptServer(asyncio.new_event_loop())
     modules = collections.ChainMap({"__main__": comfy_main}, sys.modules)
     host, specs = patching.load_manifest()
     pool = WorkerPool([(torch.device("cpu"), "cpu")] * 2)
