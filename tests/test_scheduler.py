@@ -202,6 +202,8 @@ def test_lease_workers_takes_idle_workers_all_or_nothing(make_pool):
     assert lease is not None and lease.gpu_ids == (0, 2)                   # ascending: one global order
     snap = pool.scheduler.snapshot()
     assert [q.busy for q in snap.gpus] == [True, True, True]
+    with pytest.raises(DuplicatePrompt):
+        pool.scheduler.lease_workers(prompt("busy"), [0])                   # a known id is not leased twice
     pool.scheduler.requeue(lease)                                           # back to waiting, then run
     host.gates["hold"].set()
     wait_done(pool, ["busy", "gang"])

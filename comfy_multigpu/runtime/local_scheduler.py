@@ -184,7 +184,10 @@ class LocalScheduler(Scheduler):
     def lease_workers(self, prompt: QueuedPrompt, gpu_ids: Sequence[int]) -> Optional[Lease]:
         gpus = tuple(sorted(set(gpu_ids)))
         with self._lock:
-            if not gpus or self._closed or any(not self._is_free(g) for g in gpus):
+            known = self.locate(prompt.prompt_id)
+            if known is not None:
+                raise DuplicatePrompt(prompt.prompt_id, *known)
+            if not gpus or self._closed or self._draining or any(not self._is_free(g) for g in gpus):
                 return None
             lease = self._grant(prompt, gpus)
         self._changed()

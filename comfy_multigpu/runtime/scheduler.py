@@ -118,7 +118,8 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     def lease_workers(self, prompt: QueuedPrompt, gpu_ids: Sequence[int]) -> Optional[Lease]:
         """Lease the idle workers `gpu_ids` for `prompt` (not waiting in any queue), all or nothing,
-        taken in ascending GPU order; None if any of them is not idle."""
+        taken in ascending GPU order; None if any of them is not idle, or while draining. Raises
+        DuplicatePrompt for a prompt id the scheduler already knows."""
 
     @abc.abstractmethod
     def requeue(self, lease: Lease) -> None:
