@@ -95,9 +95,10 @@ def _comfy():
     return comfy.ops, UNetModel, Flux, WanModel
 
 
-def build(key: str):
+def build(key: str, device: str = "cpu"):
     """(model, inputs) for `key`: ComfyUI's class with the layout above, fp32, weights filled with small
-    random values (disable_weight_init leaves them uninitialised), eval, no grad."""
+    random values (disable_weight_init leaves them uninitialised), eval, no grad; built on the CPU, then
+    moved with its inputs to `device` (bench/gpu_check.py runs them on cuda:0)."""
     import torch
     ops_mod, UNetModel, Flux, WanModel = _comfy()
     # What model_base.BaseModel gets from comfy.ops.pick_operations when weight and compute dtype match.
@@ -138,7 +139,19 @@ def build(key: str):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape) * 0.02)
-    return model.eval().requires_grad_(False), inputs
+    model = model.eval().requires_grad_(False)
+    if device != "cpu":
+        model = model.to(device)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    return model, inputs
+
+
+def device_sync(device: str):
+    """What waits for `device`'s queued kernels: None on the CPU (ops finish before they return)."""
+    if device == "cpu":
+        return None
+    import torch
+    return functools.partial(torch.cuda.synchronize, device)
 
 
 def count_ops(model, inputs) -> tuple[int, int]:
@@ -172,13 +185,17 @@ def host_ms(model, inputs) -> list[float]:
     return samples
 
 
-def forward_loop(model, inputs, seconds: float, ready=None) -> float:
+def forward_loop(model, inputs, seconds: float, ready=None, sync=None) -> float:
     """Forwards per second of one worker: one warm-up forward, wait at `ready`, then forwards until
-    `seconds` have passed; the rate counts the last forward whole (count / time to its end)."""
+    `seconds` have passed; the rate counts the last forward whole (count / time to its end). With
+    `sync` (a GPU: kernels run after the host queued them), the window ends when the device has run
+    every forward queued in it, and the warm-up is finished before the window starts."""
     import torch
     torch.set_num_threads(1)  # per thread: intra-op threads would blur the GIL effect
     with torch.inference_mode():
         model(**inputs)
+        if sync is not None:
+            sync()
         if ready is not None:
             ready.wait()
         start = time.monotonic()
@@ -188,16 +205,19 @@ def forward_loop(model, inputs, seconds: float, ready=None) -> float:
             count += 1
             elapsed = time.monotonic() - start
             if elapsed >= seconds:
+                if sync is not None:
+                    sync()
+                    elapsed = time.monotonic() - start
                 return count / elapsed
 
 
-def run_threads(models, inputs, seconds: float) -> float:
+def run_threads(models, inputs, seconds: float, sync=None) -> float:
     """Aggregate forwards/s of len(models) threads in this process, one model copy each."""
     rates = [0.0] * len(models)
     ready = threading.Barrier(len(models))
 
     def work(i):
-        rates[i] = forward_loop(models[i], inputs, seconds, ready)
+        rates[i] = forward_loop(models[i], inputs, seconds, ready, sync)
     threads = [threading.Thread(target=work, args=(i,), name=f"gil-bench-{i}") for i in range(len(models))]
     for t in threads:
         t.start()
@@ -209,16 +229,17 @@ def run_threads(models, inputs, seconds: float) -> float:
 
 
 def _process_main(conn) -> None:
-    """A spawned worker: ("build", key) builds and warms a model; ("run", seconds) answers its rate."""
+    """A spawned worker: ("build", key, device) builds and warms a model; ("run", seconds) answers its rate."""
     import torch
     torch.set_num_threads(1)
-    model = inputs = None
+    model = inputs = sync = None
     while (msg := conn.recv()) is not None:
         if msg[0] == "build":
-            model, inputs = build(msg[1])
+            model, inputs = build(msg[1], msg[2])
+            sync = device_sync(msg[2])
             conn.send("ready")
         else:
-            conn.send(forward_loop(model, inputs, msg[1]))
+            conn.send(forward_loop(model, inputs, msg[1], sync=sync))
 
 
 class ProcessPool:
@@ -234,9 +255,9 @@ class ProcessPool:
             self._conns.append(parent)
             self._procs.append(proc)
 
-    def build(self, key: str) -> None:
+    def build(self, key: str, device: str = "cpu") -> None:
         for conn in self._conns:
-            conn.send(("build", key))
+            conn.send(("build", key, device))
         for conn in self._conns:
             if conn.recv() != "ready":
                 raise RuntimeError(f"a worker process failed to build {key}")
@@ -256,23 +277,26 @@ class ProcessPool:
                 proc.kill()
 
 
-def measure(keys, workers, seconds, repeat) -> dict:
+def measure(keys, workers, seconds, repeat, device: str = "cpu") -> dict:
+    """Per model: aten ops, host ms per forward, and the thread and process rates for each worker
+    count, every model and worker on `device` (on a GPU, "host ms" is the time to queue a forward)."""
     import torch
     torch.set_num_threads(1)
+    sync = device_sync(device)
     pool = ProcessPool(max(workers))
     results = {}
     try:
         for key in keys:
-            model, inputs = build(key)
+            model, inputs = build(key, device)
             ops, views = count_ops(model, inputs)
             host = host_ms(model, inputs)
             copies = [model] + [copy.deepcopy(model) for _ in range(max(workers) - 1)]
-            pool.build(key)
+            pool.build(key, device)
             threads = {n: [] for n in workers}
             procs = {n: [] for n in workers}
             for _ in range(repeat):  # interleaved, so drift on the machine hits both modes alike
                 for n in workers:
-                    threads[n].append(run_threads(copies[:n], inputs, seconds))
+                    threads[n].append(run_threads(copies[:n], inputs, seconds, sync))
                     procs[n].append(pool.run(n, seconds))
             results[key] = dict(ops=ops, views=views, host=host, threads=threads, procs=procs)
             print(f"{key}: {ops} ops, {statistics.median(host):.1f} ms, threads "

@@ -42,7 +42,7 @@ class HttpError(Exception):
 class ComfyServer:
     def __init__(self, comfyui_dir: Path, base: Path, *, workers: Optional[int] = 2, extension: bool = True,
                  env: Optional[dict] = None, args: tuple = (), fixtures: Optional[Path] = None,
-                 shape_changer: bool = False):
+                 shape_changer: bool = False, cpu: bool = True):
         self.comfyui_dir = comfyui_dir
         self.base = base
         self.port = free_port()
@@ -53,6 +53,7 @@ class ComfyServer:
         self.args = list(args)
         self.fixtures = fixtures
         self.shape_changer = shape_changer
+        self.cpu = cpu                    # --cpu (the suite's CPU workers); False for a CUDA device
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = base / "comfyui.log"
 
@@ -84,7 +85,7 @@ class ComfyServer:
             env["COMFY_NUM_GPUS"] = str(self.workers)
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = [sys.executable, "main.py", "--cpu", "--base-directory", str(self.base),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--base-directory", str(self.base),
                "--listen", "127.0.0.1", "--port", str(self.port),
                "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"] + self.args
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every check that needs CUDA, in one run of under 8 minutes on one GPU (issue 14): worker device
+# binding, per-device freeing, pinned host memory shared by views, RAM -> VRAM against a plain
+# host-to-device copy, the host ceiling with real kernel launches, the quick end-to-end test. Prints a
+# markdown table; exit 1 if a check failed, 2 without CUDA. --dry-run runs the same code paths on the
+# CPU (CUDA-only checks skipped), as CI does. The logic is in bench/gpu_check.py.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly ROOT
+# shellcheck source=scripts/lib/managed_env.sh
+source "${ROOT}/scripts/lib/managed_env.sh"
+
+main() {
+  if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    echo "Usage: scripts/gpu_check.sh [--dry-run] [--out FILE] [--budget SECONDS] [--only CHECKS] [--write]" >&2
+    echo "  (bench/gpu_check.py --help says more)" >&2
+    exit 0
+  fi
+  prepare_env --no-link     # its servers link the extension into their own base directories
+  cd "${ROOT}"
+  exec "${VENV_PYTHON}" bench/gpu_check.py "$@"
+}
+
+main "$@"
