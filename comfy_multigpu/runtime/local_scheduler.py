@@ -308,7 +308,7 @@ class LocalScheduler(Scheduler):
 
     def tasks_remaining(self, gpus=None) -> int:
         with self._lock:
-            return sum(len(self._slots[g].pending) + self._runs(g) for g in self._gpus(gpus))
+            return sum(self._count(g) for g in self._gpus(gpus))
 
     def history(self, prompt_id=None, max_items=None, offset=-1, map_function=None) -> dict:
         with self._lock:
@@ -329,12 +329,14 @@ class LocalScheduler(Scheduler):
     def _gpus(self, gpus) -> list:
         return list(range(len(self._slots))) if gpus is None else list(gpus)
 
-    def _runs(self, gpu: int) -> int:
-        lease = self._slots[gpu].lease
-        return 1 if lease is not None and lease.gpu_id == gpu else 0
+    def _count(self, gpu: int) -> int:
+        """Prompts waiting in `gpu`'s queue plus the one it runs as rank 0."""
+        slot = self._slots[gpu]
+        runs = slot.lease is not None and slot.lease.gpu_id == gpu
+        return len(slot.pending) + runs
 
     def _counts(self) -> list:
-        return [len(s.pending) + self._runs(g) for g, s in enumerate(self._slots)]
+        return [self._count(g) for g in range(len(self._slots))]
 
     def _loads(self) -> list:
         return [placement.WorkerLoad(m.gpu_id, not m.down and not s.unhealthy, 1 if s.lease else 0,

@@ -46,7 +46,6 @@ class WorkerPool:
         self.workers = [GpuWorker(self, i, dev, label) for i, (dev, label) in enumerate(devices)]
         for w, weight in zip(self.workers, options.weights):
             w.weight = weight
-        self.journal = journal                     # runtime.journal.Journal, or None when switched off
         self.weights = weights                     # runtime.weights.WeightStore, or None: no sharing
         self.scheduler = LocalScheduler(self.workers, options.pools, options.max_overtakes, options.limits,
                                         journal, on_change=self._queue_updated)
@@ -85,13 +84,17 @@ class WorkerPool:
         return self.scheduler.draining
 
     @property
+    def journal(self):
+        """runtime.journal.Journal the scheduler records accepted prompts in, or None (switched off)."""
+        return self.scheduler.journal
+
+    @property
     def drain_timeout_s(self) -> float:
         return self.options.drain_timeout_s
 
     def attach_journal(self, journal) -> tuple[int, int]:
         """Record every accepted prompt in `journal` from now on, after putting back what it holds:
         history, and unfinished prompts into the queues. Returns (history entries, requeued)."""
-        self.journal = journal
         self.scheduler.journal = journal
         return self.scheduler.restore(journal)
 

@@ -77,7 +77,7 @@ class Timeline:
         self.began = self.now()
         self.lock = threading.Lock()
         self.rows: dict = {}               # gpu id or ALL -> Row
-        self.runs: dict = {}               # gpu id -> deque of Run, oldest first
+        self.runs = collections.defaultdict(lambda: collections.deque(maxlen=max_runs))  # gpu -> Runs, oldest 1st
         self.open: dict = {}               # rank-0 gpu id -> its running Run
         self.ids = itertools.count(1)
         self.sampled_k = -1                # bucket of the last sample
@@ -110,7 +110,7 @@ class Timeline:
             run = Run(next(self.ids), prompt_id, gpus, t, model)
             self.open[gpus[0]] = run
             for g in gpus:
-                self.runs.setdefault(g, collections.deque(maxlen=self.max_runs)).append(run)
+                self.runs[g].append(run)
         return run
 
     def finished(self, gpu_id: int, outcome: str, run_s: float = 0.0, prompt_id: str = "") -> None:
@@ -120,7 +120,7 @@ class Timeline:
             run = self.open.pop(gpu_id, None)
             if run is None:
                 run = Run(next(self.ids), prompt_id, (gpu_id,), t - max(0.0, run_s), None)
-                self.runs.setdefault(gpu_id, collections.deque(maxlen=self.max_runs)).append(run)
+                self.runs[gpu_id].append(run)
             self._close(run, t, outcome)
 
     def _close(self, run: Run, t: float, outcome: str) -> None:
