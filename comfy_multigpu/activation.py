@@ -18,7 +18,7 @@ from .api import middleware as api_middleware
 from .api import routes as api_routes
 from .host import patching
 from .policy.admission import Limits
-from .policy.config import ConfigError, Settings, resolve_settings
+from .policy.config import ENV_CHILD, ConfigError, Settings, resolve_settings
 from .policy.eviction import parse_ram_budget
 from .runtime.journal import Journal
 from .api.metrics import Metrics
@@ -67,6 +67,10 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     import server
     import torch
 
+    if env.get(ENV_CHILD):
+        logger.info("comfy-multigpu: process worker of GPU %s: this ComfyUI runs prompts for the main process",
+                    env[ENV_CHILD])
+        return None
     cuda_count, cpu_flag = _machine()
     try:
         settings = resolve_settings(env, cuda_count, cpu_flag)
@@ -84,7 +88,8 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
         logger.error("comfy-multigpu: refusing to enable: %s. ComfyUI runs stock; use a comfy-multigpu "
                      "release made for this ComfyUI.", wrong)
         return None
-    if comfy.memory_management.aimdo_enabled:
+    process_mode = settings.worker_mode == "process"
+    if comfy.memory_management.aimdo_enabled and not process_mode:
         logger.error("comfy-multigpu: refusing to enable: DynamicVRAM is on and is not safe with "
                      "concurrent workers. Start ComfyUI with --disable-dynamic-vram. ComfyUI runs stock.")
         return None
@@ -98,9 +103,18 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     specs = [s for s in specs if s.id not in skipped]
 
     weights, weights_text = _weight_store(settings)
+    spawn = None
+    if process_mode:
+        from .runtime import shared_segments
+        from .runtime.process_executor import SpawnSpec
+        stale = shared_segments.remove_stale()
+        if stale:
+            logger.warning("comfy-multigpu: removed %d shared-memory segment(s) a crashed server left in %s",
+                           len(stale), shared_segments.segment_dir())
+        spawn = SpawnSpec.of_this_process(sharing=weights is not None)
     options = PoolOptions(settings.pools, settings.weights, settings.max_overtakes,
                           Limits(settings.max_queue_per_gpu, settings.max_queue), settings.watchdog,
-                          settings.drain_timeout, settings.gc_freeze)
+                          settings.drain_timeout, settings.gc_freeze, spawn)
     pool = WorkerPool(((torch.device(label), label) for label in settings.devices), options, weights=weights)
     patchset = patching.PatchSet(specs, pool)
     problems = patchset.problems()
@@ -130,8 +144,14 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
                          "(%d restored), ComfyUI runs stock", len(applied), len(kept))
         return None
 
-    logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); DynamicVRAM off; %d patches applied: %s%s",
-                version, len(pool), ", ".join(settings.devices), settings.reason, len(applied),
+    if process_mode:
+        import atexit
+        atexit.register(pool.stop_children)
+    logger.info("comfy-multigpu: %s", _mode_text(settings, len(pool)))
+    logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); %s; %d patches applied: %s%s",
+                version, len(pool), ", ".join(settings.devices), settings.reason,
+                "DynamicVRAM decided by each worker process as stock ComfyUI does" if process_mode
+                else "DynamicVRAM off", len(applied),
                 ", ".join(applied), f"; left out on request: {', '.join(sorted(skipped))}" if skipped else "")
     logger.info("comfy-multigpu: pools %s%s; weights %s; a prompt is overtaken at most %d times",
                 _pool_text(settings.pools), f" (default: {pool.default_pool})" if pool.default_pool else "",
@@ -156,15 +176,30 @@ def _open_journal(settings: Settings, pool: WorkerPool) -> str:
     return f"journal {path} ({history} finished prompts in history, {requeued} queued again)"
 
 
-def _weight_store(settings: Settings) -> tuple[Optional[WeightStore], str]:
-    """The shared RAM cache of model files (None when COMFY_MULTIGPU_RAM_CACHE=off)."""
+def _weight_store(settings: Settings):
+    """The shared RAM cache of model files (None when COMFY_MULTIGPU_RAM_CACHE=off): views of one
+    template in this process (thread mode), or shared-memory segments mapped by every child."""
     import psutil
     total = psutil.virtual_memory().total
     budget = parse_ram_budget(settings.ram_cache, total)
     if budget is None:
         return None, "model weights NOT shared (COMFY_MULTIGPU_RAM_CACHE=off): every worker loads its own copy"
+    if settings.worker_mode == "process":
+        from .runtime.segment_store import SegmentStore
+        return SegmentStore(budget), (f"model weights shared by all worker processes through shared memory; "
+                                      f"budget {budget / 2 ** 30:.1f} GiB of {total / 2 ** 30:.1f} GiB")
     return WeightStore(budget), (f"model weights shared by all workers; RAM cache budget "
                                  f"{budget / 2 ** 30:.1f} GiB of {total / 2 ** 30:.1f} GiB")
+
+
+def _mode_text(settings: Settings, workers: int) -> str:
+    """The start-up line that says which worker mode runs and why (docs/configuration.md, 'Worker mode')."""
+    if settings.worker_mode == "process":
+        return (f"worker mode PROCESS (COMFY_MULTIGPU_WORKER_MODE=process): each of the {workers} GPUs runs its "
+                f"prompts in a child process of its own (its own GIL and ComfyUI globals; the queue, API and "
+                f"journal stay here), for many fast GPUs where one interpreter cannot keep them busy")
+    return (f"worker mode THREAD (the default): {workers} worker threads in this process share one GIL; for "
+            f"many fast GPUs on small models set COMFY_MULTIGPU_WORKER_MODE=process (docs/configuration.md)")
 
 
 class _Wiring:

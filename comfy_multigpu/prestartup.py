@@ -10,13 +10,15 @@ import logging
 import os
 from typing import Mapping
 
-from .policy.config import ConfigError, resolve_settings, cuda_count_without_torch
+from .policy.config import ENV_CHILD, ConfigError, resolve_settings, cuda_count_without_torch
 from .runtime.heap import cap_arenas
 
 logger = logging.getLogger("comfy_multigpu")
 
 
 def run(env: Mapping[str, str] = os.environ) -> None:
+    if env.get(ENV_CHILD):
+        return          # a process worker's child: one executor, ComfyUI's own settings (DynamicVRAM too)
     from comfy.cli_args import args
     try:
         settings = resolve_settings(env, cuda_count_without_torch(env), bool(args.cpu))

@@ -81,9 +81,37 @@ def servers(comfyui_dir, fixtures_dir, tmp_path_factory):
     registry.stop_all()
 
 
+# COMFY_MULTIGPU_WORKER_MODE: suites that must hold in both modes take `multi2_modes` (or `worker_env`).
+WORKER_MODES = ("thread", "process")
+PROCESS_MODE = {"COMFY_MULTIGPU_WORKER_MODE": "process"}
+
+
 @pytest.fixture(scope="session")
-def multi2(servers) -> ComfyServer:
+def multi2_thread(servers) -> ComfyServer:
     return servers.start("multi2", workers=2)
+
+
+@pytest.fixture(scope="session")
+def multi2(multi2_thread) -> ComfyServer:
+    return multi2_thread
+
+
+@pytest.fixture(scope="session")
+def multi2_process(servers) -> ComfyServer:
+    """Two process workers: each GPU's prompts run in a child process of its own."""
+    return servers.start("multi2p", workers=2, env=PROCESS_MODE)
+
+
+@pytest.fixture(scope="session", params=WORKER_MODES)
+def multi2_modes(request) -> ComfyServer:
+    """The 2-worker server of each worker mode in turn (a module overrides `multi2` with it)."""
+    return request.getfixturevalue(f"multi2_{request.param}")
+
+
+@pytest.fixture(params=WORKER_MODES)
+def worker_env(request) -> dict:
+    """The environment a test's own server adds for each worker mode in turn."""
+    return dict(PROCESS_MODE) if request.param == "process" else {}
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,12 @@ from helpers import workflows as wf
 from helpers.comfy_server import HttpError
 
 
+@pytest.fixture
+def multi2(multi2_modes):
+    """Every test here on thread workers and on process workers (COMFY_MULTIGPU_WORKER_MODE)."""
+    return multi2_modes
+
+
 def gpu_header(gpu):
     return {"X-TARGET-GPU": str(gpu)}
 

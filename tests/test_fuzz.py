@@ -53,9 +53,11 @@ requests = st.tuples(
     st.none() | st.sampled_from(["1", "0", "true", "x", "%00"]))
 
 
-@pytest.fixture(scope="module")
-def fuzzed(servers):
-    return servers.start("fuzz2", workers=2, env={"COMFY_MULTIGPU_POOLS": "fast=0;slow=1"})
+@pytest.fixture(scope="module", params=("thread", "process"))
+def fuzzed(servers, request):
+    """A 2-worker server with pools, on thread workers and on process workers in turn."""
+    mode = {"COMFY_MULTIGPU_WORKER_MODE": request.param}
+    return servers.start(f"fuzz2-{request.param}", workers=2, env={"COMFY_MULTIGPU_POOLS": "fast=0;slow=1", **mode})
 
 
 def _send(port: int, request) -> tuple:

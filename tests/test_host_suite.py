@@ -1,5 +1,6 @@
 """ComfyUI's own execution suites (tests/execution in the pinned tree) pass against servers running
-the extension with 2 workers: once with default routing, once with every request pinned to GPU 1.
+the extension with 2 workers: once with default routing, once with every request pinned to GPU 1, and
+once with process workers (COMFY_MULTIGPU_WORKER_MODE=process: each GPU's prompts in a child process).
 The host's tests start their own servers (python main.py ... --cpu); COMFY_NUM_GPUS=2 in their
 environment and the extension linked into the host's custom_nodes/ make those servers ours."""
 import json
@@ -17,8 +18,9 @@ SUITES = ["tests/execution/test_execution.py", "tests/execution/test_async_nodes
           "tests/execution/test_progress_isolation.py", "tests/execution/test_public_api.py"]
 
 
-@pytest.mark.parametrize("pin", [None, "1"], ids=["default-routing", "pinned-gpu1"])
-def test_comfyui_execution_suites_pass_with_two_workers(comfyui_dir, tmp_path, pin):
+@pytest.mark.parametrize("pin, mode", [(None, "thread"), ("1", "thread"), (None, "process")],
+                         ids=["default-routing", "pinned-gpu1", "process-workers"])
+def test_comfyui_execution_suites_pass_with_two_workers(comfyui_dir, tmp_path, pin, mode):
     link = comfyui_dir / "custom_nodes" / "comfy-multigpu"
     assert link.resolve() == HERE.parent, f"{link} must link to this checkout (scripts/bootstrap.py does it)"
     report = tmp_path / "placements.json"
@@ -27,6 +29,7 @@ def test_comfyui_execution_suites_pass_with_two_workers(comfyui_dir, tmp_path, p
     # and unfinished prompts across restarts (tests/test_reliability.py covers it).
     env = dict(os.environ, COMFY_NUM_GPUS="2", PYTHONPATH=str(HERE / "helpers"),
                COMFY_MULTIGPU_TEST_REPORT=str(report), COMFY_MULTIGPU_JOURNAL="off",
+               COMFY_MULTIGPU_WORKER_MODE=mode,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("COMFY_MULTI_GPU_SCHED", None)
     env.pop("COMFY_MULTIGPU_TEST_PIN", None)

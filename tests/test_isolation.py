@@ -14,6 +14,12 @@ from helpers import ws
 from helpers.comfy_server import new_client_id
 
 
+@pytest.fixture
+def multi2(multi2_modes):
+    """Every test here on thread workers and on process workers (COMFY_MULTIGPU_WORKER_MODE)."""
+    return multi2_modes
+
+
 # ---- WebSocket events and progress registries ------------------------------------------------------
 
 def two_clients_side_by_side(server, timeout=60.0):
@@ -176,9 +182,13 @@ def test_the_worker_device_is_seen_inside_the_worker_and_its_helper_threads(mult
     here, helper = wf.ui(entry, "1", "here"), wf.ui(entry, "1", "helper")
     for facts in (here, helper):
         assert facts["gpu"] == gpu
-        assert facts["device_is_worker_device"] is True
         assert facts["all_devices"] == ["cpu"]          # only the worker's own device
-    assert here["thread"] == f"comfy-multigpu-gpu{gpu}"
+    if multi2.worker_mode == "thread":
+        for facts in (here, helper):
+            assert facts["device_is_worker_device"] is True
+        assert here["thread"] == f"comfy-multigpu-gpu{gpu}"
+    else:                         # the child's own process: ComfyUI's device is its GPU's, stock
+        assert here["device"] == helper["device"] == "cpu"
     assert helper["thread"] != here["thread"]
 
 
@@ -210,5 +220,9 @@ def test_without_the_patches_freeing_gpu0_unloads_gpu1s_model(unpatched2):
 
 def test_dynamic_vram_is_switched_off_and_said_so(multi2):
     log = multi2.log()
+    if multi2.worker_mode == "process":      # each child decides as stock ComfyUI does, and says so
+        assert "DynamicVRAM decided by each worker process as stock ComfyUI does" in log
+        assert "worker mode PROCESS" in log
+        return
     assert "DynamicVRAM switched off for 2 concurrent workers" in log
     assert "; DynamicVRAM off;" in log

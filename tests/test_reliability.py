@@ -19,6 +19,12 @@ from helpers import workflows as wf
 from helpers.comfy_server import HttpError
 
 
+@pytest.fixture
+def multi2(multi2_modes):
+    """Every test here on thread workers and on process workers (COMFY_MULTIGPU_WORKER_MODE)."""
+    return multi2_modes
+
+
 def post_prompt(server, prompt, prompt_id=None, headers=None):
     body = {"prompt": prompt}
     if prompt_id:
@@ -47,8 +53,8 @@ def test_a_client_prompt_id_makes_retries_idempotent(multi2):
     assert multi2.get("/queue/all", counts=1)["total_pending"] == 0
 
 
-def test_a_burst_over_the_queue_cap_gets_429_and_loses_nothing_accepted(servers):
-    capped = servers.start("capped4", workers=4, env={"COMFY_MULTIGPU_MAX_QUEUE_PER_GPU": "8"})
+def test_a_burst_over_the_queue_cap_gets_429_and_loses_nothing_accepted(servers, worker_env):
+    capped = servers.start("capped4", workers=4, env={"COMFY_MULTIGPU_MAX_QUEUE_PER_GPU": "8", **worker_env})
     ids = [str(uuid.uuid4()) for _ in range(200)]
 
     def send(pid):
@@ -129,14 +135,16 @@ def test_a_prompt_past_the_watchdog_marks_its_gpu_unhealthy_until_it_ends(server
     assert "Watchdog: a prompt has run for more than 1 s" in server.log()
 
 
-def test_kill_9_at_random_points_loses_no_accepted_prompt(servers):
-    """Five kill -9 during a 50-prompt run, restarting each time on the same directory: every prompt
-    (resent after each restart with its own id, as a client retrying would) ends in history once."""
-    server = servers.start("durable", workers=2)
+def test_kill_9_at_random_points_loses_no_accepted_prompt(servers, worker_env):
+    """Five kill -9 (two with process workers, whose restarts take longer) during a 50-prompt run,
+    restarting each time on the same directory: every prompt (resent after each restart with its own
+    id, as a client retrying would) ends in history once."""
+    server = servers.start("durable", workers=2, env=worker_env)
+    kills = 2 if worker_env else 5
     rng = random.Random(7)
     ids = [str(uuid.uuid4()) for _ in range(50)]
     accepted = set()
-    for round_ in range(6):
+    for round_ in range(kills + 1):
         for pid in ids:
             if pid not in accepted:
                 try:
@@ -146,7 +154,7 @@ def test_kill_9_at_random_points_loses_no_accepted_prompt(servers):
                 except (HttpError, OSError):
                     break
                 accepted.add(answer["prompt_id"])
-        if round_ == 5:
+        if round_ == kills:
             break
         time.sleep(rng.uniform(0.2, 1.5))
         server.kill()
@@ -156,16 +164,16 @@ def test_kill_9_at_random_points_loses_no_accepted_prompt(servers):
     assert all(e["status"]["status_str"] == "success" for e in done.values())
     runs = Counter((server.base / "output" / "records.txt").read_text().split())
     assert set(runs) == set(ids)
-    assert sum(runs.values()) - len(ids) <= 5 * 2          # only prompts running at a kill may run twice
+    assert sum(runs.values()) - len(ids) <= kills * 2      # only prompts running at a kill may run twice
     requeued = [line.split("journal: ")[1].split(" prompt")[0] for line in server.log().splitlines()
                 if "had not finished; queued again" in line]
-    assert len(requeued) == 5
-    print(f"\nkill -9: 5 kills, unfinished prompts queued again at each restart: {requeued}; "
+    assert len(requeued) == kills
+    print(f"\nkill -9: {kills} kills, unfinished prompts queued again at each restart: {requeued}; "
           f"lost 0; ran twice: {sum(runs.values()) - len(ids)}")
 
 
-def test_sigterm_drains_running_prompts_keeps_waiting_ones_and_exits_0(servers):
-    server = servers.start("drain", workers=2, env={"COMFY_MULTIGPU_DRAIN_TIMEOUT": "30"})
+def test_sigterm_drains_running_prompts_keeps_waiting_ones_and_exits_0(servers, worker_env):
+    server = servers.start("drain", workers=2, env={"COMFY_MULTIGPU_DRAIN_TIMEOUT": "30", **worker_env})
     running = [post_prompt(server, wf.record(f"run{g}", 2.0), headers={"X-TARGET-GPU": str(g)})["prompt_id"]
                for g in (0, 1)]
     for pid in running:

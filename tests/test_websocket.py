@@ -4,8 +4,15 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 
 from helpers import workflows as wf
+
+
+@pytest.fixture
+def multi2(multi2_modes):
+    """Every test here on thread workers and on process workers (COMFY_MULTIGPU_WORKER_MODE)."""
+    return multi2_modes
 
 
 async def last_status_counts(base_url, server):

@@ -52,6 +52,7 @@ class PatchSpec:
     optional: bool = False             # the target module may not be loaded (skipped then)
     isolation: bool = False            # makes per-process state per worker (tests/test_isolation.py
                                        # leaves these out to show the defect they prevent)
+    process_child: bool = False        # applied inside a process worker's child too (host/child_hooks.py)
 
     @property
     def module_name(self) -> str:
@@ -287,10 +288,11 @@ def markdown(path: Path = MANIFEST) -> str:
         f"Host: {host.name} >={host.min_version},<{host.below_version} (pinned commit `{host.commit}`).",
         "",
         "isolation = yes: the patch turns state ComfyUI keeps once per process into state per worker; "
-        "tests/test_isolation.py leaves these out to show the defect each one prevents.",
+        "tests/test_isolation.py leaves these out to show the defect each one prevents. "
+        "child = yes: also applied inside each child process of COMFY_MULTIGPU_WORKER_MODE=process.",
         "",
-        "| id | target | kind | isolation | requires | why | evidence |",
-        "|---|---|---|---|---|---|---|",
+        "| id | target | kind | isolation | child | requires | why | evidence |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in specs:
         requires = s.signature or ""
@@ -299,7 +301,9 @@ def markdown(path: Path = MANIFEST) -> str:
         opt = " (optional)" if s.optional else ""
         iso = "yes" if s.isolation else ""
         requires = f"`{requires}`" if requires else ""
-        lines.append(f"| `{s.id}` | `{s.target}`{opt} | {s.kind} | {iso} | {requires} | {s.why} | {s.evidence} |")
+        child = "yes" if s.process_child else ""
+        lines.append(f"| `{s.id}` | `{s.target}`{opt} | {s.kind} | {iso} | {child} | {requires} | {s.why} | "
+                     f"{s.evidence} |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,8 @@ ENV_JOURNAL = "COMFY_MULTIGPU_JOURNAL"
 ENV_RAM_CACHE = "COMFY_MULTIGPU_RAM_CACHE"
 ENV_MALLOC_ARENAS = "COMFY_MULTIGPU_MALLOC_ARENAS"
 ENV_GC_FREEZE = "COMFY_MULTIGPU_GC_FREEZE"
+ENV_WORKER_MODE = "COMFY_MULTIGPU_WORKER_MODE"
+ENV_CHILD = "COMFY_MULTIGPU_CHILD_GPU"   # set by the main process in a process worker's child: its GPU id
 MALLOC_ARENAS = 2
 
 _ON = {"1", "on", "true", "yes"}
@@ -83,6 +85,7 @@ class Settings:
     ram_cache: str = ""                # COMFY_MULTIGPU_RAM_CACHE as given ("" = default, "off")
     malloc_arenas: int = MALLOC_ARENAS
     gc_freeze: bool = True
+    worker_mode: str = "thread"        # thread: workers are threads; process: each runs a child process
 
 
 def _parse_sched(env: Mapping[str, str]) -> str:
@@ -250,12 +253,22 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
                  "drain_timeout": _seconds(env, ENV_DRAIN_TIMEOUT, 600.0),
                  "watchdog": _seconds(env, ENV_WATCHDOG, 0.0), "journal": env.get(ENV_JOURNAL, "").strip(),
                  "ram_cache": _ram_cache(env), "malloc_arenas": _whole(env, ENV_MALLOC_ARENAS, MALLOC_ARENAS),
-                 "gc_freeze": _switch(env, ENV_GC_FREEZE, True)}
+                 "gc_freeze": _switch(env, ENV_GC_FREEZE, True), "worker_mode": _worker_mode(env)}
     if sched == "on":
         return Settings(True, devices, f"{ENV_SCHED}=1", **options)
     if len(devices) > 1:
         return Settings(True, devices, f"{len(devices)} devices", **options)
     return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset", **options)
+
+
+def _worker_mode(env: Mapping[str, str]) -> str:
+    raw = env.get(ENV_WORKER_MODE, "").strip().lower()
+    if raw in ("", "thread"):
+        return "thread"
+    if raw == "process":
+        return "process"
+    raise ConfigError(f"{ENV_WORKER_MODE}={env[ENV_WORKER_MODE]!r} is not a worker mode; use thread (one "
+                      f"process, the default) or process (a child process per GPU)")
 
 
 def cuda_count_without_torch(env: Mapping[str, str] = os.environ, proc_root: str = "/proc") -> int:

@@ -33,6 +33,7 @@ class PoolOptions:
     watchdog_s: float = 0.0              # 0: off
     drain_timeout_s: float = 600.0
     gc_freeze: bool = True               # freeze start-up objects out of the GC (heap.py)
+    spawn: Any = None                    # process_executor.SpawnSpec: process workers; None: threads
 
 
 class WorkerPool:
@@ -46,7 +47,7 @@ class WorkerPool:
         self.workers = [GpuWorker(self, i, dev, label) for i, (dev, label) in enumerate(devices)]
         for w, weight in zip(self.workers, options.weights):
             w.weight = weight
-        self.weights = weights                     # runtime.weights.WeightStore, or None: no sharing
+        self.weights = weights                     # WeightStore (threads) / SegmentStore (processes) / None
         self.scheduler = LocalScheduler(self.workers, options.pools, options.max_overtakes, options.limits,
                                         journal, on_change=self._queue_updated)
         self.server = None                         # ComfyUI's PromptServer, from launch()
@@ -78,6 +79,18 @@ class WorkerPool:
     @property
     def default_pool(self) -> Optional[str]:
         return self.scheduler.default_pool
+
+    @property
+    def process_mode(self) -> bool:
+        """Each worker runs its prompts in a child process of its own (COMFY_MULTIGPU_WORKER_MODE)."""
+        return self.options.spawn is not None
+
+    def new_executor(self, worker: GpuWorker, server):
+        """What runs the worker's prompts: ComfyUI's PromptExecutor in this process, or a child's."""
+        if self.process_mode:
+            from .process_executor import ProcessExecutor
+            return ProcessExecutor(worker, server, self.options.spawn, self.weights)
+        return self.host.new_executor(server)
 
     @property
     def draining(self) -> bool:
@@ -141,10 +154,22 @@ class WorkerPool:
         threads = [w.thread for w in self.workers if w.thread is not None] + self._threads
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self.stop_children()
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
             logger.warning("comfy-multigpu: shutdown: %s still running after %.0f s", ", ".join(alive), timeout)
         return alive
+
+    def stop_children(self) -> None:
+        """Process mode: stop every worker's child, then drop the shared segments (idempotent; also
+        run at exit)."""
+        if not self.process_mode:
+            return
+        for w in self.workers:
+            if w.executor is not None:
+                w.executor.stop()
+        if self.weights is not None:
+            self.weights.close()
 
     @property
     def stopping(self) -> bool:
@@ -221,7 +246,10 @@ class WorkerPool:
         self.scheduler.post([gpu_id], "preload", request, append=True)
 
     def models_on_devices(self, entry) -> list[int]:
-        """GPUs that have a view of a shared file loaded on their device (for GET /multigpu/models)."""
+        """GPUs that have a view of a shared file loaded on their device (for GET /multigpu/models);
+        in process mode, the GPUs whose process maps it."""
+        if self.process_mode:
+            return sorted(g for g in entry.users if g >= 0)
         import comfy.model_management as mm
         from .weights import entry_of_module
         gpus = []

@@ -174,6 +174,13 @@ def make_view(template: Any, plan: Optional[Plan] = None) -> Any:
     return view
 
 
+def register_shared(obj: Any) -> None:
+    """`obj`'s modules now hold shared tensors (a segment mapped by a process worker's child): the
+    offload wrappers point them back there, as they do for views."""
+    for module, sources in plan_of(obj).modules:
+        _SHARED_SOURCES[module] = sources
+
+
 def shared_sources(module) -> Optional[dict]:
     return _SHARED_SOURCES.get(module)
 

@@ -55,6 +55,7 @@ class GpuWorker:
         self._models: dict[str, None] = {}     # model keys of recent successful prompts, oldest first
         self.weight = 1.0                       # relative speed for placement (COMFY_MULTIGPU_GPU_WEIGHTS)
         self.free_memory: Optional[int] = None  # device bytes free after the last prompt (CUDA only)
+        self.executor = None                    # PromptExecutor, or process_executor.ProcessExecutor
 
     @property
     def busy(self) -> bool:
@@ -84,6 +85,9 @@ class GpuWorker:
         CPU workers share one RAM, so it cannot tell them apart."""
         if getattr(self.device, "type", "cpu") != "cuda":
             return
+        if self.pool.process_mode:             # the child measured it; this process keeps off the GPU
+            self.free_memory = getattr(self.executor, "device_free", None)
+            return
         try:
             self.free_memory = self.pool.host.free_memory(self.device)
         except Exception:      # a device in trouble: placement then treats it as full
@@ -93,7 +97,7 @@ class GpuWorker:
     def device_memory(self) -> Optional[tuple[int, int]]:
         """(used, total) bytes of a CUDA device now (dashboard, /metrics); None on CPU workers,
         which share the host's RAM, or when the device does not answer."""
-        if getattr(self.device, "type", "cpu") != "cuda":
+        if getattr(self.device, "type", "cpu") != "cuda" or self.pool.process_mode:
             return None
         try:
             import torch
@@ -120,6 +124,8 @@ class GpuWorker:
     def set_interrupt(self, value: bool = True) -> None:
         with self.interrupt_lock:
             self.interrupted = value
+        if value and self.pool.process_mode and self.executor is not None:
+            self.executor.interrupt(None)
 
     def interrupt_lease(self, lease: Lease) -> bool:
         """Interrupt `lease` only if this worker still runs it: a flag set after it ended would stop
@@ -128,7 +134,9 @@ class GpuWorker:
             if self.lease is not lease or lease.ended.is_set():
                 return False
             self.interrupted = True
-            return True
+        if self.pool.process_mode and self.executor is not None:
+            self.executor.interrupt(lease.prompt.prompt_id)
+        return True
 
     def take_interrupt(self) -> bool:
         """True once if an interrupt was requested; clears it (stock throw_exception_if_... semantics)."""
@@ -150,7 +158,7 @@ class GpuWorker:
         outside any prompt's handling), fails its prompt cleanly, reports the worker down and starts
         the loop again."""
         current_worker.set(self)
-        if getattr(self.device, "type", "cpu") == "cuda":
+        if getattr(self.device, "type", "cpu") == "cuda" and not self.pool.process_mode:
             import torch
             torch.cuda.set_device(self.device)
         while not self.pool.stopping:
@@ -168,7 +176,7 @@ class GpuWorker:
         self.up = False
 
     def _loop(self, server) -> None:
-        executor = self.pool.host.new_executor(server)
+        executor = self.executor = self.pool.new_executor(self, server)
         self.measure_free_memory()
         self.up = True
         self.log.info("Worker started on %s", self.label)
@@ -242,6 +250,9 @@ class GpuWorker:
     def _apply_messages(self, executor, messages: dict) -> None:
         """Between prompts: /free for this worker (unload this device's models and/or reset this
         executor's caches) and /preload onto this device."""
+        if self.pool.process_mode:
+            self._apply_in_child(executor, messages)
+            return
         free_memory = messages.get("free_memory", False)
         if messages.get("unload_models", free_memory):
             if self.pool.weights is not None:
@@ -257,7 +268,32 @@ class GpuWorker:
         self.measure_free_memory()
         self.pool.request_gc()
 
+    def _apply_in_child(self, executor, messages: dict) -> None:
+        """The same, done by this worker's child process."""
+        from .preload import PLACEMENT_KEYS
+        free_memory = messages.get("free_memory", False)
+        unload = messages.get("unload_models", free_memory)
+        if unload or free_memory:
+            executor.free(unload, free_memory)
+            self.log.info("%s (/free, in its process)", " and ".join(
+                w for w, on in (("Unloaded models", unload), ("reset node caches", free_memory)) if on))
+        for request in messages.get("preload", ()):
+            try:
+                state = executor.preload(request.kind, request.name, True)
+            except Exception as ex:
+                self.log.warning("Preload of %s %s failed: %s", request.kind, request.name, ex)
+                request.done.set_exception(ex)
+                continue
+            if state == "on_device":
+                self.remember_models([f"{PLACEMENT_KEYS[request.kind]}:{request.name}"])
+            self.log.info("Preloaded %s %s onto %s (in its process)", request.kind, request.name, self.label)
+            request.done.set_result(state)
+        self.measure_free_memory()
+
     def info(self) -> dict:
         """This worker's own facts for /queue/all and the dashboard (its queue: the scheduler's)."""
-        return {"gpu_id": self.gpu_id, "device": self.label, "up": not self.down, "restarts": self.restarts,
+        info = {"gpu_id": self.gpu_id, "device": self.label, "up": not self.down, "restarts": self.restarts,
                 "weight": self.weight, "free_memory": self.free_memory, "models": list(self._models)}
+        if self.pool.process_mode:
+            info["process"] = self.executor.describe() if self.executor is not None else None
+        return info

@@ -57,6 +57,11 @@ class ComfyServer:
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = base / "comfyui.log"
 
+    @property
+    def worker_mode(self) -> str:
+        """COMFY_MULTIGPU_WORKER_MODE this server runs with: "thread" or "process"."""
+        return self.extra_env.get("COMFY_MULTIGPU_WORKER_MODE", "thread")
+
     # ---- life cycle ------------------------------------------------------------------------
     def _prepare_base(self) -> None:
         custom = self.base / "custom_nodes"

@@ -65,6 +65,28 @@ def standin(model: str, seconds: float, value: int = 0, load_seconds: float = 0.
             "1": {"class_type": "MGUseStandIn", "inputs": {"seconds": seconds, "value": value, "model": ["2", 0]}}}
 
 
+def spin(blocks: int, value: int = 0) -> dict:
+    """Holds the GIL for `blocks` x 1000 pure-Python additions (spin_blocks() sizes it in seconds)."""
+    return {"1": {"class_type": "MGSpin", "inputs": {"blocks": blocks, "value": value}}}
+
+
+def spin_blocks(seconds: float) -> int:
+    """How many MGSpin blocks take `seconds` on one core of this machine (its code, timed here)."""
+    import importlib.util
+    import time
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "node_pack" / "spin_work.py"
+    spec = importlib.util.spec_from_file_location("mg_spin_work", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        module.spin(200)
+        best = min(best, time.perf_counter() - t0)
+    return max(1, int(seconds / best * 200))
+
+
 def fault(mode: str) -> dict:
     return {"1": {"class_type": "MGFault", "inputs": {"mode": mode}}}
 

@@ -11,6 +11,8 @@ import comfy.model_management
 import comfy.utils
 from comfy_execution.graph_utils import GraphBuilder
 
+from .spin_work import spin
+
 
 def _worker_id():
     try:
@@ -266,6 +268,22 @@ class MGUseStandIn(MGSleep):
         return super().run(seconds, value)
 
 
+class MGSpin(AlwaysRun):
+    """Holds the GIL for a fixed amount of pure-Python work (`blocks` x 1000 additions), as a real
+    model's host-side dispatch (thousands of small PyTorch calls made from Python) keeps one interpreter
+    busy: two of them in one process take twice as long, in two processes no longer (on 2 cores)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"blocks": ("INT", {"default": 1000, "min": 0, "max": 10 ** 9}),
+                             "value": ("INT", {"default": 0})}}
+
+    def run(self, blocks, value):
+        t0 = time.time()
+        spin(blocks)
+        return {"ui": {"t0": [t0], "t1": [time.time()], "gpu": [_worker_id()], "value": [value]}}
+
+
 class WorkerKiller(BaseException):
     """Not an Exception: nothing in ComfyUI's node handling catches it, so it ends the worker's loop."""
 
@@ -339,7 +357,8 @@ class MGMakeCycle(AlwaysRun):
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
                        (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel,
-                        MGSaveNumbered, MGLoadStandIn, MGUseStandIn, MGFault, MGRecord, MGMakeCycle)}
+                        MGSaveNumbered, MGLoadStandIn, MGUseStandIn, MGFault, MGRecord, MGMakeCycle,
+                        MGSpin)}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
 
