@@ -89,12 +89,20 @@ def test_a_child_killed_mid_prompt_fails_that_prompt_only_and_is_replaced(multi2
     assert server.get("/queue/all", counts=1)["queues"][1]["restarts"] == restarts + 1
     assert "[GPU 1] Process worker died" in server.log()
 
+    # a child that dies between prompts is replaced at once, before anything asks for it
+    os.kill(now[0], signal.SIGKILL)
+    deadline = time.time() + 90
+    while children(server)[0] == now[0] or not server.get("/queue/all", counts=1)["queues"][0]["process"]["alive"]:
+        assert time.time() < deadline, "the idle child was not replaced"
+        time.sleep(0.5)
+    assert "[GPU 0] Process worker died (exit code -9, while idle)" in server.log()
+
 
 def test_kill_9_of_the_main_process_takes_its_children_and_leaves_no_shared_memory(servers, fixtures_dir):
     server = servers.start("process-crash", workers=2, env={"COMFY_MULTIGPU_WORKER_MODE": "process"})
     answer = server.post("/preload", {"model": "tiny-sd15.safetensors", "type": "checkpoint", "gpus": [1]})
     assert answer["gpus"] == {"1": "on_device"}, answer
-    ids = [server.submit(wf.txt2img(i, prefix=f"crash{i}"), gpu=i)["prompt_id"] for i in (0, 1)]
+    ids = [server.submit(wf.txt2img(i, prefix=f"crash{i}", lora=0.5 * i), gpu=i)["prompt_id"] for i in (0, 1)]
     done = server.wait(ids, timeout=180)
     assert all(e["status"]["status_str"] == "success" for e in done.values())
 
@@ -102,6 +110,8 @@ def test_kill_9_of_the_main_process_takes_its_children_and_leaves_no_shared_memo
     listed = server.get("/multigpu/models")
     (model,) = [m for m in listed["models"] if m["name"] == "tiny-sd15.safetensors"]
     assert model["loads"] == 1 and model["users"] == [0, 1], model
+    (lora,) = [m for m in listed["models"] if m["type"] == "lora"]         # the LoRA file: shared too
+    assert lora["loads"] == 1 and lora["users"] == [1], lora
     pids = children(server)
     main = server.proc.pid
     mapped = {gpu: segment_pss(pid, main) for gpu, pid in pids.items()}

@@ -165,9 +165,11 @@ class WorkerPool:
         run at exit)."""
         if not self.process_mode:
             return
-        for w in self.workers:
-            if w.executor is not None:
-                w.executor.stop()
+        executors = [w.executor for w in self.workers if w.executor is not None]
+        for executor in executors:
+            executor.request_stop()              # all at once; then wait for each
+        for executor in executors:
+            executor.stop()
         if self.weights is not None:
             self.weights.close()
 

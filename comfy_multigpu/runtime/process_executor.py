@@ -83,7 +83,10 @@ class ProcessExecutor:
         self._ready = threading.Event()
         self._start_error: Optional[str] = None
         self._current: Optional[str] = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # proc, link, replies, and the state below
+        self._busy = 0                         # starts and conversations under way
+        self._stopping = False
+        self._restarting: Optional[subprocess.Popen] = None   # the dead child a restart is asked for
         # Children are started by one thread that lives as long as this executor: the kernel kills a
         # child when the *thread* that started it ends (PR_SET_PDEATHSIG), not only its process.
         self._starts: queue.Queue = queue.Queue()
@@ -91,17 +94,26 @@ class ProcessExecutor:
         self._starts.put("start")
         self._ready.wait()
         if self._start_error is not None:
+            self._starts.put("stop")               # the worker's loop makes a new executor
             raise ChildDied(self._start_error)
 
     # ---- life cycle -----------------------------------------------------------------------------
     def _keep(self) -> None:
         while self._starts.get() != "stop":
+            if self.alive():                   # asked twice for one death: the new child is up
+                self._ready.set()
+                continue
             self._start_error = None
+            with self._lock:
+                self._busy += 1
             try:
                 self.start()
             except Exception as ex:
                 self._start_error = str(ex)
                 self.worker.log.error("%s", ex)
+            finally:
+                with self._lock:
+                    self._busy -= 1
             self._ready.set()
 
     def start(self) -> None:
@@ -145,18 +157,24 @@ class ProcessExecutor:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = CHILD_STOP_S) -> None:
-        """Ask the child to stop; kill it if it has not after `timeout`."""
+    def request_stop(self) -> None:
+        """Ask the child to stop after what it runs now; no new child is started after this."""
+        with self._lock:
+            self._stopping = True
         self._starts.put("stop")
-        proc, link = self.proc, self.link
-        if proc is None:
+        if self.link is not None:
+            try:
+                self.link.send(("stop",))
+            except child_link.LinkClosed:
+                pass
+
+    def stop(self, timeout: float = CHILD_STOP_S) -> None:
+        """request_stop, then wait; kill the child if it has not ended after `timeout`."""
+        self.request_stop()
+        if self.proc is None:
             return
         try:
-            link.send(("stop",))
-        except child_link.LinkClosed:
-            pass
-        try:
-            proc.wait(timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self._kill()
 
@@ -165,8 +183,13 @@ class ProcessExecutor:
             self.proc.kill()
             self.proc.wait()
 
-    def _restart_after(self, reason: str) -> None:
-        """The child died: count it, then start a new one in the background (the API never waits)."""
+    def _restart_after(self, reason: str, proc) -> None:
+        """The child `proc` died: count it, then start a new one in the background (the API never
+        waits); once per death, whoever notices it first (the reader thread or a conversation)."""
+        with self._lock:
+            if self._stopping or self._restarting is proc:
+                return
+            self._restarting = proc
         self._ready.clear()
         self.worker.restarts += 1
         self.worker.log.error("Process worker died (%s); starting a new one", reason)
@@ -194,7 +217,11 @@ class ProcessExecutor:
         if self.store is not None:
             self.store.abandon(self.worker.gpu_id)
         self.worker.pool.save_names.release(self.worker.gpu_id)
-        replies.put(("died", code))
+        replies.put(("died", code))            # for a start or a conversation waiting on it
+        with self._lock:
+            idle = self._busy == 0 and proc is self.proc
+        if idle:                               # died between prompts: replace it now
+            self._restart_after(f"exit code {code}, while idle", proc)
 
     def _relay(self, event, data, sid) -> None:
         if event == "executing" and isinstance(data, dict):
@@ -239,31 +266,30 @@ class ProcessExecutor:
 
     # ---- what the worker asks ---------------------------------------------------------------------
     def _converse(self, message: tuple) -> tuple:
-        """Send a command and wait for its answer; ChildDied if the child ends first. A child that
-        died while idle is replaced first (nothing of it was lost)."""
-        self._ready.wait()
-        if self._start_error is not None:
-            error, self._start_error = self._start_error, None
-            self._restart_after(error)
-            raise ChildDied(error)
-        if self.proc is not None and self.proc.poll() is not None:
-            try:
-                self._replies.get(timeout=5.0)        # its reader thread's death notice
-            except queue.Empty:
-                pass
-            self._restart_after(f"exit code {self.proc.returncode}, while idle")
-            return self._converse(message)
-        link, replies = self.link, self._replies
+        """Send a command and wait for its answer; ChildDied if the child ends first."""
+        with self._lock:
+            self._busy += 1
         try:
-            link.send(message)
-        except child_link.LinkClosed:
-            pass                     # the reader thread reports the death below
-        reply = replies.get()
-        if reply[0] == "died":
-            reason = f"exit code {reply[1]}"
-            self._restart_after(reason)
-            raise ChildDied(f"the process of GPU {self.worker.gpu_id} died ({reason})")
-        return reply
+            self._ready.wait()
+            if self._start_error is not None:
+                error, self._start_error = self._start_error, None
+                self._restart_after(error, self.proc)
+                raise ChildDied(error)
+            with self._lock:
+                proc, link, replies = self.proc, self.link, self._replies
+            try:
+                link.send(message)
+            except child_link.LinkClosed:
+                pass                     # the reader thread reports the death below
+            reply = replies.get()
+            if reply[0] == "died":
+                reason = f"exit code {reply[1]}"
+                self._restart_after(reason, proc)
+                raise ChildDied(f"the process of GPU {self.worker.gpu_id} died ({reason})")
+            return reply
+        finally:
+            with self._lock:
+                self._busy -= 1
 
     def execute(self, prompt, prompt_id, extra_data, outputs) -> None:
         client_id = extra_data.get("client_id")

@@ -42,7 +42,7 @@ class HttpError(Exception):
 class ComfyServer:
     def __init__(self, comfyui_dir: Path, base: Path, *, workers: Optional[int] = 2, extension: bool = True,
                  env: Optional[dict] = None, args: tuple = (), fixtures: Optional[Path] = None,
-                 shape_changer: bool = False, cpu: bool = True):
+                 shape_changer: bool = False, cpu: bool = True, extra_nodes: tuple = ()):
         self.comfyui_dir = comfyui_dir
         self.base = base
         self.port = free_port()
@@ -54,6 +54,7 @@ class ComfyServer:
         self.fixtures = fixtures
         self.shape_changer = shape_changer
         self.cpu = cpu                    # --cpu (the suite's CPU workers); False for a CUDA device
+        self.extra_nodes = tuple(Path(d) for d in extra_nodes)   # more custom-node directories to link
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = base / "comfyui.log"
 
@@ -75,6 +76,8 @@ class ComfyServer:
             (custom / "comfy-multigpu").symlink_to(REPO, target_is_directory=True)
         if self.shape_changer:
             (custom / "shape_changer").symlink_to(REPO / "tests" / "shape_changer", target_is_directory=True)
+        for nodes in self.extra_nodes:
+            (custom / nodes.name).symlink_to(nodes.resolve(), target_is_directory=True)
         if self.fixtures is not None:
             for f in self.fixtures.glob("*.safetensors"):
                 folder = "loras" if "lora" in f.name else "checkpoints"

@@ -1,0 +1,346 @@
+"""Worker modes side by side (real ComfyUI servers on this machine's CPU, `--cpu`): comfy-multigpu with
+thread workers (COMFY_MULTIGPU_WORKER_MODE=thread, one interpreter), with process workers (=process,
+a child process per worker running ComfyUI's executor), and N stock ComfyUI processes fed round-robin.
+
+1. GIL-holding node: prompts/s of MGSpin prompts sized to --seconds on one core, 4 x N submitted at
+   once per window (until all are in history), with 2 and 4 workers.
+2. Real model code: aggregate forwards/s of MGBenchForward (bench/node_pack: ComfyUI's model classes
+   as bench_gil.py builds them, real depth, tiny width, one copy per worker) with 1, 2, 4 workers;
+   every worker warmed (model built) first, the rate taken over the nodes' own forward timestamps.
+3. Fixed cost of a no-op prompt (MGSleep(0)), one at a time, interleaved: submit-to-history latency
+   (until the `executing` event with node None, sent after the history entry) with 2 workers.
+4. Memory: PSS (/proc/<pid>/smaps_rollup) summed over a server's process tree after every worker ran
+   the tiny txt2img: 1 and 4 workers per mode, 1 and 4 stock processes; each setup measured alone.
+
+    scripts/run_bench.sh bench/bench_workers.py [--parts gil,model,noop,memory] [--models sd15,sdxl]
+                                               [--repeat 3] [--seconds 0.5] [--write]
+
+--write replaces the "workers" section of docs/benchmarks.md with the results.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from bench_weights import fixtures  # noqa: E402
+from helpers import workflows as wf  # noqa: E402
+from helpers.comfy_server import ComfyServer  # noqa: E402
+from shared import comfyui_dir, write_section  # noqa: E402
+
+MODES = ("thread", "process", "stock")
+BENCH_NODES = REPO / "bench" / "node_pack"
+ATTENTION = ("--use-pytorch-cross-attention",)   # SDPA, as bench_gil.py (and ComfyUI on NVIDIA) uses
+MODEL_PROMPTS_PER_WORKER = 2
+MODEL_PROMPT_S = 0.75     # forwards per prompt: about this long on one core
+NOOP_ROUNDS = 40
+MIB = 2 ** 20
+
+
+def wait_quiet() -> None:
+    """Until no other ComfyUI server or pytest run uses this machine's cores (polled every 30 s)."""
+    while True:
+        found = subprocess.run(["pgrep", "-af", "main.py|pytest"], capture_output=True, text=True).stdout.strip()
+        if not found:
+            return
+        print(f"waiting for other runs to end:\n{found}", file=sys.stderr)
+        time.sleep(30)
+
+
+class Setup:
+    """One way to run N workers: one server with the extension (thread or process mode), or N stock
+    servers that get prompts round-robin."""
+
+    def __init__(self, mode: str, n: int, base: str, fixtures_dir=None, args: tuple = ()):
+        self.mode, self.n = mode, n
+        kw = dict(extra_nodes=(BENCH_NODES,), fixtures=fixtures_dir, args=args)
+        if mode == "stock":
+            self.servers = [ComfyServer(comfyui_dir(), Path(tempfile.mkdtemp(prefix=f"stock{n}-{i}-", dir=base)),
+                                        workers=None, env={"COMFY_MULTI_GPU_SCHED": "0"}, **kw) for i in range(n)]
+        else:
+            env = {"COMFY_MULTI_GPU_SCHED": "1", "COMFY_MULTIGPU_WORKER_MODE": mode}
+            self.servers = [ComfyServer(comfyui_dir(), Path(tempfile.mkdtemp(prefix=f"{mode}{n}-", dir=base)),
+                                        workers=n, env=env, **kw)]
+
+    def workers(self) -> list:
+        """(server, X-TARGET-GPU) for each worker."""
+        if self.mode == "stock":
+            return [(s, None) for s in self.servers]
+        return [(self.servers[0], g) for g in range(self.n)]
+
+    def run(self, prompts, pinned: bool = False) -> tuple[float, list]:
+        """Submit all prompts at once (stock: round-robin; pinned: prompt i on worker i), wait until all
+        are in history; (seconds from first submit to the last one done, history entries)."""
+        for s in self.servers:
+            s.wait_idle(600)
+        targets = self.workers() if pinned or self.mode == "stock" else [(self.servers[0], None)]
+        start = time.perf_counter()
+        ids = []
+        for i, prompt in enumerate(prompts):
+            server, gpu = targets[i % len(targets)]
+            ids.append((server, server.submit(prompt, gpu=gpu)["prompt_id"]))
+        for s in self.servers:
+            s.wait_idle(600)
+        seconds = time.perf_counter() - start
+        entries = [server.wait(pid, timeout=600)[pid] for server, pid in ids]
+        bad = [e["status"] for e in entries if e["status"]["status_str"] != "success"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} {self.mode} prompt(s) failed: {bad[0]}")
+        return seconds, entries
+
+
+def start_all(servers) -> None:
+    """Start servers side by side (each waits until its workers are up)."""
+    with ThreadPoolExecutor(len(servers)) as pool:
+        list(pool.map(lambda s: s.start(600), servers))
+
+
+def stop_all(setups) -> None:
+    for setup in setups:
+        for s in setup.servers:
+            s.stop()
+
+
+def forward(key: str, forwards: int, value: int = 0) -> dict:
+    return {"1": {"class_type": "MGBenchForward", "inputs": {"model": key, "forwards": forwards, "value": value}}}
+
+
+def warm_and_size(setups, key: str) -> int:
+    """Build `key` in every worker of every setup, then time it alone on one stock worker: forwards per
+    prompt for MODEL_PROMPT_S on one core."""
+    for setup in setups:
+        _, entries = setup.run([forward(key, 1, i) for i in range(setup.n)], pinned=True)
+        if setup.mode == "thread" and len({wf.ui(e, "1", "thread") for e in entries}) != setup.n:
+            raise RuntimeError(f"thread-mode warm-up did not run on {setup.n} threads: {entries}")
+    stock = next(s for s in setups if s.mode == "stock")
+    _, (entry,) = stock.run([forward(key, 10)])
+    return max(1, round(MODEL_PROMPT_S * wf.ui(entry, "1", "rate")))
+
+
+def model_rate(setup, key: str, forwards: int) -> float:
+    """Aggregate forwards/s: all forwards over the span of the nodes' own timestamps."""
+    _, entries = setup.run([forward(key, forwards, i) for i in range(MODEL_PROMPTS_PER_WORKER * setup.n)])
+    if any(wf.ui(e, "1", "build_s") for e in entries):
+        raise RuntimeError(f"a {setup.mode} worker built {key} inside a measured window: warm-up missed it")
+    span = max(wf.ui(e, "1", "t1") for e in entries) - min(wf.ui(e, "1", "t0") for e in entries)
+    return sum(wf.ui(e, "1", "forwards") for e in entries) / span
+
+
+async def noop_latency(servers: dict, rounds: int) -> dict:
+    """Seconds from POST /prompt of MGSleep(0) to its closing `executing` event, one prompt at a time,
+    alternating between the servers (2 unmeasured warm-up rounds first)."""
+    out = {name: [] for name in servers}
+    async with aiohttp.ClientSession() as session:
+        links = {}
+        for name, server in servers.items():
+            cid = uuid.uuid4().hex
+            links[name] = (cid, await session.ws_connect(f"{server.url}/ws?clientId={cid}"))
+        for i in range(rounds + 2):
+            for name, server in servers.items():
+                cid, ws = links[name]
+                t = time.perf_counter()
+                async with session.post(f"{server.url}/prompt", json={"prompt": wf.sleep(0.0, i), "client_id": cid}) as r:
+                    pid = (await r.json())["prompt_id"]
+                while True:
+                    msg = await asyncio.wait_for(ws.receive(), 60)
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    event = msg.json()
+                    data = event.get("data") or {}
+                    if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == pid:
+                        break
+                if i >= 2:
+                    out[name].append(time.perf_counter() - t)
+        for _, ws in links.values():
+            await ws.close()
+    return out
+
+
+def tree_pss(pid: int) -> tuple[int, int, int]:
+    """(PSS of the process, PSS of all its descendants, how many descendants), bytes."""
+    def pss(p: int) -> int:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return 0
+    children = psutil.Process(pid).children(recursive=True)
+    return pss(pid), sum(pss(c.pid) for c in children), len(children)
+
+
+def settled_pss(servers) -> tuple[int, int, int]:
+    """The smallest of 8 samples, 1 s apart, once idle (the housekeeping pass runs after a prompt)."""
+    for s in servers:
+        s.wait_idle(600)
+    samples = []
+    for _ in range(8):
+        parts = [tree_pss(s.proc.pid) for s in servers]
+        samples.append(tuple(sum(p[i] for p in parts) for i in range(3)))
+        time.sleep(1.0)
+    return min(samples, key=lambda p: p[0] + p[1])
+
+
+def memory(base: str) -> dict:
+    """Per setup measured alone: PSS after every worker ran txt2img, and the shared checkpoint bytes."""
+    out = {}
+    for mode, n in (("thread", 1), ("thread", 4), ("process", 1), ("process", 4), ("stock", 4)):
+        wait_quiet()
+        setup = Setup(mode, n, base, fixtures_dir=fixtures())
+        try:
+            if mode == "stock":           # one stock process alone first, then all four
+                setup.servers[0].start(600)
+                setup.run([wf.txt2img(1, "bench")])
+                out[("stock", 1)] = (settled_pss(setup.servers[:1]), None)
+                start_all(setup.servers[1:])
+            else:
+                start_all(setup.servers)
+            setup.run([wf.txt2img(1 + i, "bench") for i in range(n)], pinned=True)
+            shared = None if mode == "stock" else setup.servers[0].get("/multigpu/models")["ram_cache"]
+            out[(mode, n)] = (settled_pss(setup.servers), shared and shared["bytes"])
+        finally:
+            stop_all([setup])
+    return out
+
+
+def measure(opts, base: str, blocks: int) -> dict:
+    res = {"gil": {}, "model": {}, "noop": {}}
+    sizes = sorted({*((2, 4) if "gil" in opts.parts else ()), *((1, 2, 4) if "model" in opts.parts else ()),
+                    *((2,) if "noop" in opts.parts else ())})
+    for n in sizes:
+        wait_quiet()
+        setups = [Setup(mode, n, base, args=ATTENTION) for mode in MODES]
+        try:
+            start_all([s for setup in setups for s in setup.servers])
+            if "gil" in opts.parts and n > 1:
+                rates = res["gil"][n] = {m: [] for m in MODES}
+                for _ in range(opts.repeat):
+                    for setup in setups:
+                        seconds, _ = setup.run([wf.spin(blocks, i) for i in range(4 * n)])
+                        rates[setup.mode].append(4 * n / seconds)
+                print(f"gil n={n}: {_medians(rates)}", file=sys.stderr)
+            if "model" in opts.parts:
+                for key in opts.models:
+                    forwards = warm_and_size(setups, key)
+                    rates = res["model"][(key, n)] = {m: [] for m in MODES}
+                    rates["forwards"] = forwards
+                    for _ in range(opts.repeat):
+                        for setup in setups:
+                            rates[setup.mode].append(model_rate(setup, key, forwards))
+                    print(f"model {key} n={n} ({forwards} forwards/prompt): {_medians(rates)}", file=sys.stderr)
+            if "noop" in opts.parts and n == 2:
+                res["noop"] = asyncio.run(noop_latency({s.mode: s.servers[0] for s in setups[:2]}, NOOP_ROUNDS))
+        finally:
+            stop_all(setups)
+    if "memory" in opts.parts:
+        res["memory"] = memory(base)
+    return res
+
+
+def _medians(rates: dict) -> dict:
+    return {m: round(statistics.median(rates[m]), 2) for m in MODES}
+
+
+def _spread(values, digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _ratios(rates) -> str:
+    thread, proc, stock = (statistics.median(rates[m]) for m in MODES)
+    return f"{proc / thread:.2f} | {proc / stock:.2f}"
+
+
+def report(res, opts, command: str, blocks: int) -> str:
+    lines = [f"Run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}), Python "
+             f"{platform.python_version()}, torch {importlib.metadata.version('torch')} (CPU, `--cpu`), command "
+             f"`{command}`: {opts.repeat} repetitions interleaved (thread, process, stock for each worker count), "
+             f"median (min-max). Stock: N ComfyUI processes (`COMFY_MULTI_GPU_SCHED=0`) fed round-robin."]
+    if res["gil"]:
+        lines += ["", f"GIL-holding node: `MGSpin` ({blocks} blocks, about {opts.seconds:g} s on one core), 4 x N "
+                  "prompts submitted at once per window, prompts/s until all are in history "
+                  f"(this machine's ceiling: {os.cpu_count() / opts.seconds:g}/s):", "",
+                  "| workers | thread mode | process mode | N stock processes | process / thread | process / stock |",
+                  "|---|---|---|---|---|---|"]
+        for n, rates in res["gil"].items():
+            lines.append(f"| {n} | " + " | ".join(_spread(rates[m], 2) for m in MODES) + f" | {_ratios(rates)} |")
+    if res["model"]:
+        lines += ["", f"Real model code: `MGBenchForward` ({MODEL_PROMPTS_PER_WORKER} x N prompts per window, each "
+                  f"about {MODEL_PROMPT_S:g} s of forwards on one core), aggregate forwards/s over the nodes' own "
+                  "timestamps, models built and warmed in every worker first:", "",
+                  "| model | workers | forwards/prompt | thread mode | process mode | N stock processes | "
+                  "process / thread | process / stock |", "|---|---|---|---|---|---|---|---|"]
+        for (key, n), rates in sorted(res["model"].items(), key=lambda kv: (opts.models.index(kv[0][0]), kv[0][1])):
+            lines.append(f"| {key} | {n} | {rates['forwards']} | " + " | ".join(_spread(rates[m]) for m in MODES)
+                         + f" | {_ratios(rates)} |")
+    if res["noop"]:
+        ms = {m: sorted(v * 1000 for v in res["noop"][m]) for m in ("thread", "process")}
+        p90 = {m: v[int(round(0.9 * (len(v) - 1)))] for m, v in ms.items()}
+        hop = statistics.median(ms["process"]) - statistics.median(ms["thread"])
+        lines += ["", f"Fixed cost of a no-op prompt (`MGSleep(0)`, 2 workers): {NOOP_ROUNDS} prompts per mode sent "
+                  "one at a time, alternating, milliseconds from POST /prompt to its closing `executing` event:", "",
+                  "| mode | median | p90 | min-max |", "|---|---|---|---|"]
+        for m in ("thread", "process"):
+            lines.append(f"| {m} | {statistics.median(ms[m]):.1f} | {p90[m]:.1f} | {ms[m][0]:.1f}-{ms[m][-1]:.1f} |")
+        lines += ["", f"The hop to a child process adds {hop:.1f} ms per prompt (median; "
+                  f"{p90['process'] - p90['thread']:.1f} ms at p90)."]
+    if res.get("memory"):
+        mem = res["memory"]
+        lines += ["", "Memory: PSS summed over the server's main process and all its descendants after every "
+                  "worker ran `txt2img` on the tiny checkpoint (settled; each setup measured alone), MiB:", "",
+                  "| setup | workers | PSS, total | main process | child processes | shared checkpoint "
+                  "(`ram_cache.bytes`) |", "|---|---|---|---|---|---|"]
+        for (mode, n), ((main_pss, kids, count), shared) in mem.items():
+            label = f"{n} stock process{'es' if n > 1 else ''} (sum)" if mode == "stock" else f"{mode} mode"
+            lines.append(f"| {label} | {n} | {(main_pss + kids) / MIB:.0f} | {main_pss / MIB:.0f} | "
+                         f"{kids / MIB:.0f} ({count}) | {'-' if shared is None else f'{shared / MIB:.0f} MiB'} |")
+        total = {k: (v[0][0] + v[0][1]) / MIB for k, v in mem.items()}
+        lines += ["", f"4 workers over 1: thread mode +{total[('thread', 4)] - total[('thread', 1)]:.0f} MiB, "
+                  f"process mode +{total[('process', 4)] - total[('process', 1)]:.0f} MiB "
+                  f"({(total[('process', 4)] - total[('process', 1)]) / 3:.0f} MiB per extra child), 4 stock "
+                  f"processes +{total[('stock', 4)] - total[('stock', 1)]:.0f} MiB. Process / thread (4 workers): "
+                  f"{total[('process', 4)] / total[('thread', 4)]:.2f}; process / stock (4): "
+                  f"{total[('process', 4)] / total[('stock', 4)]:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="gil,model,noop,memory")
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--write", action="store_true")
+    opts = parser.parse_args()
+    opts.parts = {p.strip() for p in opts.parts.split(",") if p.strip()}
+    opts.models = [k.strip() for k in opts.models.split(",") if k.strip()]
+    command = "scripts/run_bench.sh bench/bench_workers.py " + " ".join(sys.argv[1:])
+    started = time.monotonic()
+    blocks = wf.spin_blocks(opts.seconds)
+    with tempfile.TemporaryDirectory(prefix="cmg-bench-workers-") as base:
+        res = measure(opts, base, blocks)
+    text = report(res, opts, command.strip(), blocks)
+    print(text)
+    print(f"total {time.monotonic() - started:.0f} s", file=sys.stderr)
+    if opts.write:
+        write_section("workers", text)
+
+
+if __name__ == "__main__":
+    main()
