@@ -19,6 +19,8 @@ skipped, so CI keeps it working.
 5. ceiling: bench_gil.py's real model classes at small resolution on cuda:0, N = 1, 2, 4 threads in one
    process vs N processes (dry run: SD1.5 only, N = 1, 2, half-second windows on the CPU).
 6. quick: comfy_multigpu.tools.quick_check (scripts/quick_test.sh) against the server of check 1.
+7. process: a second server with COMFY_MULTIGPU_WORKER_MODE=process, two workers on the device: each
+   child reports that device, the tiny checkpoint is loaded once and mapped by both, txt2img on each.
 
 Each check runs in a child process with a timeout (its own cap, and never past the run's budget), so a
 hung check cannot eat the run; a failing one is a FAIL row with its error and the others still run.
@@ -49,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared import comfyui_dir, write_section  # noqa: E402
 from gpu_checks import (  # noqa: E402
-    FAIL, SKIP, Row, check_binding, check_ceiling, check_freeing, check_pinned, check_quick, check_vram,
+    FAIL, SKIP, Row, check_binding, check_ceiling, check_freeing, check_pinned, check_process, check_quick,
+    check_vram,
     start_server,
 )
 
@@ -72,6 +75,7 @@ STEPS = [
     Step("vram", "4. RAM -> VRAM vs host-to-device copy", True, False, 180, 0, check_vram),
     Step("ceiling", "5. host ceiling, threads vs processes", False, False, 300, 90, check_ceiling),
     Step("quick", "6. quick end-to-end test", False, True, 90, 60, check_quick),
+    Step("process", "7. process workers", False, False, 300, 200, check_process),
 ]
 SERVER_START_S = {"cuda": 180, "cpu": 120}
 CEILING_MODELS = ("sd15", "sdxl", "flux", "wan")

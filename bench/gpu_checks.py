@@ -124,6 +124,41 @@ def check_quick(ctx) -> list:
                 "; ".join(failed))]
 
 
+def check_process(ctx) -> list:
+    """7. Process workers on the device: a server with COMFY_MULTIGPU_WORKER_MODE=process and two
+    workers on one device; each child owns it (CUDA_VISIBLE_DEVICES), the checkpoint is loaded once
+    and mapped by both children, and a txt2img runs on each."""
+    from bench_weights import fixtures
+    cuda = ctx["mode"] == "cuda"
+    device = ctx["device"]
+    env = {"COMFY_MULTIGPU_DEVICES": f"{device},{device}", "COMFY_MULTIGPU_WORKER_MODE": "process"}
+    server = ComfyServer(comfyui_dir(), Path(ctx["base"]).parent / "process-server", workers=2, env=env,
+                         fixtures=fixtures(), cpu=not cuda)
+    started = time.perf_counter()
+    server.start(240 if cuda else 150)
+    try:
+        up_s = time.perf_counter() - started
+        children = [q["process"]["device"] for q in server.get("/queue/all", counts=1)["queues"]]
+        took = []
+        for gpu in (0, 1):
+            t0 = time.perf_counter()
+            run_on(server, wf.txt2img(SEED + gpu, prefix=f"gpu-check-process{gpu}"), gpu, timeout=300)
+            took.append(time.perf_counter() - t0)
+        listed = [m for m in server.get("/multigpu/models")["models"] if m["name"] == wf.CHECKPOINT]
+    finally:
+        server.stop()
+    problems = []
+    if children != [device, device]:
+        problems.append(f"children report devices {children}, expected {[device, device]}")
+    if len(listed) != 1 or listed[0]["loads"] != 1 or listed[0]["users"] != [0, 1]:
+        problems.append(f"checkpoint not loaded once and mapped by both children: {listed}")
+    size = listed[0]["bytes"] / 2 ** 20 if listed else 0
+    return [Row("7. process workers (two children on one device)", FAIL if problems else PASS,
+                f"up in {up_s:.0f} s; children on {', '.join(children)}; checkpoint {size:.0f} MiB loaded once, "
+                f"mapped by both; txt2img {took[0]:.1f} s (loads it) / {took[1]:.1f} s (maps it)",
+                "; ".join(problems) or "COMFY_MULTIGPU_WORKER_MODE=process")]
+
+
 # ---- checks 3, 4: ComfyUI's classes in this process -----------------------------------------------
 
 def comfy_host(ctx) -> None:

@@ -118,7 +118,7 @@ class Child:
             error = f"{type(ex).__name__}: {ex}"
         finally:
             self.current_prompt = None
-        free = self._free_device_memory()
+        free = self._device_memory()
         try:
             self.link.send(("done", executor.history_result, executor.success, executor.status_messages, free, error))
         except Exception as ex:          # an output that does not pickle: report it as the error
@@ -137,7 +137,7 @@ class Child:
             executor.reset()
         gc.collect()
         comfy.model_management.soft_empty_cache()
-        self.link.send(("freed", self._free_device_memory()))
+        self.link.send(("freed", self._device_memory()))
 
     def preload(self, kind: str, name: str, onto_device: bool) -> None:
         from . import child_hooks
@@ -149,19 +149,36 @@ class Child:
             self.link.send(("preloaded", None, f"{type(ex).__name__}: {ex}"))
 
     @staticmethod
-    def _free_device_memory():
+    def _device_memory():
+        """(free, total) bytes of this child's CUDA device now; None on the CPU."""
         import comfy.model_management
         import torch
         device = comfy.model_management.get_torch_device()
         if getattr(device, "type", "cpu") != "cuda":
             return None
-        return int(torch.cuda.mem_get_info(device)[0])
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+
+
+class _GpuPrefix(logging.Filter):
+    """Every line a child logs says which GPU's process wrote it (they share the server's output)."""
+
+    def __init__(self, gpu_id: int):
+        super().__init__()
+        self.prefix = f"[GPU {gpu_id} process] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.msg.startswith("[GPU "):
+            record.msg = self.prefix + record.msg
+        return True
 
 
 def _start_comfyui(child: Child, sharing: bool):
     """ComfyUI's start-up without the server (main.py:550-590), then our hooks and the executor."""
     import asyncio
     import main as comfy_main            # stock module-level start-up: paths, prestartup, DynamicVRAM
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_GpuPrefix(child.gpu_id))
     import comfy.model_management
     import hook_breaker_ac10a0
     import nodes
@@ -224,7 +241,7 @@ def main(argv: list[str]) -> None:
     child.link.send(("ready", {"pid": os.getpid(), "device": str(device),
                                "dynamic_vram": bool(comfy.memory_management.aimdo_enabled),
                                "seconds": round(time.perf_counter() - started, 2),
-                               "free_memory": Child._free_device_memory()}))
+                               "memory": Child._device_memory()}))
     child.serve(prompt_server, executor)
 
 

@@ -76,7 +76,7 @@ class ProcessExecutor:
         self.success = False
         self.status_messages: list = []
         self.info: dict = {}                   # what the child said when ready (pid, device, seconds)
-        self.device_free: Optional[int] = None
+        self.memory: Optional[tuple] = None   # (free, total) bytes of its CUDA device, as the child saw last
         self.proc: Optional[subprocess.Popen] = None
         self.link: Optional[child_link.Link] = None
         self._replies: queue.Queue = queue.Queue()
@@ -148,7 +148,7 @@ class ProcessExecutor:
             text = reply[1] if reply[0] == "failed" else f"exit code {reply[1]}"
             raise ChildDied(f"the process of GPU {self.worker.gpu_id} did not start: {text}")
         self.info = reply[1]
-        self.device_free = self.info.get("free_memory")
+        self.memory = self.info.get("memory")
         self.worker.log.info("Process worker started: pid %s on %s (%s), ComfyUI up in %.1f s%s",
                              self.info["pid"], self.info["device"], self.worker.label,
                              time.perf_counter() - started,
@@ -304,7 +304,7 @@ class ProcessExecutor:
             reply = self._converse(("execute", prompt, prompt_id, extra_data, outputs, metadata))
         finally:
             self._current = None
-        _, self.history_result, self.success, self.status_messages, self.device_free, error = reply
+        _, self.history_result, self.success, self.status_messages, self.memory, error = reply
         if error is not None:
             self.success = False
             self.status_messages = list(self.status_messages) + [("execution_error", {
@@ -322,7 +322,7 @@ class ProcessExecutor:
             pass
 
     def free(self, unload_models: bool, free_memory: bool) -> None:
-        _, self.device_free = self._converse(("free", unload_models, free_memory))
+        _, self.memory = self._converse(("free", unload_models, free_memory))
 
     def reset(self) -> None:
         self.free(False, True)
@@ -332,6 +332,10 @@ class ProcessExecutor:
         if error is not None:
             raise RuntimeError(error)
         return state
+
+    @property
+    def device_free(self) -> Optional[int]:
+        return self.memory[0] if self.memory else None
 
     @property
     def pid(self) -> Optional[int]:

@@ -97,8 +97,11 @@ class GpuWorker:
     def device_memory(self) -> Optional[tuple[int, int]]:
         """(used, total) bytes of a CUDA device now (dashboard, /metrics); None on CPU workers,
         which share the host's RAM, or when the device does not answer."""
-        if getattr(self.device, "type", "cpu") != "cuda" or self.pool.process_mode:
+        if getattr(self.device, "type", "cpu") != "cuda":
             return None
+        if self.pool.process_mode:             # as its child saw it last (this process keeps off the GPU)
+            memory = getattr(self.executor, "memory", None)
+            return (memory[1] - memory[0], memory[1]) if memory else None
         try:
             import torch
             free, total = torch.cuda.mem_get_info(self.device)
