@@ -1,0 +1,121 @@
+"""Sequence-parallel FLUX (issue 17): one denoiser forward run as N ranks, rank r with 1/N of the tokens,
+through ComfyUI's own hooks only (no copy of its block code):
+
+- `patches["post_input"]` (flux/model.py:184-190, before RoPE is built from the ids): each rank keeps
+  its contiguous share of [text; image] tokens and of their position ids, so RoPE is exact per token;
+- `transformer_options["optimized_attention_override"]` (attention.py wrap_attn, reached from
+  flux/math.py attention()): Ulysses: q/k/v head groups are exchanged so each rank attends over every
+  token for H/N heads with the user's own attention function, and the outputs are exchanged back;
+- `patches_replace["dit"][("single_block", last)]`: after the last block every rank gathers all image
+  tokens, so final_layer and the un-patchify in Flux._forward see the whole image (rank 0's is returned).
+
+Everything outside the model (sampler, conditioning, VAE) runs once, as on one GPU. What the engine
+cannot do exactly falls back to one GPU (policy/sequence_split.fallback_reason).
+
+Host objects touched: comfy.ldm.flux.model.Flux (its _forward, params, blocks: read and called, never
+changed); transformer_options dicts are copied, never modified in place.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..policy.sequence_split import fallback_reason, head_groups, token_ranges
+from ..runtime.rank_group import RankGroup, run_ranks
+
+logger = logging.getLogger("comfy_multigpu")
+
+
+def flux_fallback(model, x, context, transformer_options: dict, ranks: int, control=None, ref_latents=None,
+                  **kwargs) -> Optional[str]:
+    """Why this forward of `model` (a comfy.ldm.flux.model.Flux) cannot be split over `ranks`."""
+    patch = model.patch_size
+    img_tokens = ((x.shape[-2] + patch // 2) // patch) * ((x.shape[-1] + patch // 2) // patch)
+    method = kwargs.get("ref_latents_method", getattr(model.params, "default_ref_method", None))
+    replaced = transformer_options.get("patches_replace", {}).get("dit", {})
+    return fallback_reason(
+        ranks=ranks, heads=model.num_heads, tokens=img_tokens, text_tokens=context.shape[1],
+        attention_mask=kwargs.get("attention_mask") is not None, control=control is not None,
+        timestep_zero=bool(ref_latents) and method == "index_timestep_zero",
+        foreign_override="optimized_attention_override" in transformer_options,
+        foreign_last_block=("single_block", len(model.single_blocks) - 1) in replaced,
+        single_blocks=len(model.single_blocks))
+
+
+class _Rank:
+    """One rank's hooks; `ranges` is set by the split and read by the exchanges after it."""
+
+    def __init__(self, group: RankGroup, rank: int):
+        self.group = group
+        self.rank = rank
+        self.ranges = None
+
+    def split(self, args: dict) -> dict:
+        img, txt = args["img"], args["txt"]
+        self.ranges = token_ranges(txt.shape[1], img.shape[1], self.group.size)
+        (t0, t1), (i0, i1) = self.ranges[self.rank]
+        return {"img": img[:, i0:i1], "txt": txt[:, t0:t1], "img_ids": args["img_ids"][:, i0:i1],
+                "txt_ids": args["txt_ids"][:, t0:t1], "transformer_options": args["transformer_options"]}
+
+    def attention(self, func, q, k, v, heads, *args, **kwargs):
+        """Ulysses: all tokens for this rank's head group, the host's attention, the result sent back."""
+        groups = head_groups(q.shape[1], self.group.size)
+        qkv = torch.stack((q, k, v))                                  # (3, B, H, L_rank, D)
+        received = self.group.all_to_all(self.rank, [qkv[:, :, a:b] for a, b in groups])
+        full = torch.cat(received, dim=3)                             # (3, B, H_mine, L, D)
+        a, b = groups[self.rank]
+        out = func(full[0], full[1], full[2], b - a, *args, **kwargs)
+        lengths = [r.length for r in self.ranges]
+        if kwargs.get("skip_output_reshape"):                         # (B, H_mine, L, D)
+            back = self.group.all_to_all(self.rank, list(out.split(lengths, dim=2)))
+            return torch.cat(back, dim=1)
+        back = self.group.all_to_all(self.rank, list(out.split(lengths, dim=1)))   # (B, L_rank, H_j*D)
+        return torch.cat(back, dim=2)
+
+    def gather_after_last_block(self, args: dict, extra: dict) -> dict:
+        out = extra["original_block"](args)
+        seq = out["img"]
+        txt_len = self.ranges[self.rank].txt[1] - self.ranges[self.rank].txt[0]
+        images = self.group.all_gather(self.rank, seq[:, txt_len:])
+        return {"img": torch.cat([seq[:, :txt_len]] + images, dim=1)}
+
+    def options(self, transformer_options: dict, last_single: int) -> dict:
+        opts = dict(transformer_options)
+        patches = {k: list(v) for k, v in opts.get("patches", {}).items()}
+        patches["post_input"] = patches.get("post_input", []) + [self.split]
+        opts["patches"] = patches
+        replace = {k: dict(v) for k, v in opts.get("patches_replace", {}).items()}
+        replace.setdefault("dit", {})[("single_block", last_single)] = self.gather_after_last_block
+        opts["patches_replace"] = replace
+        opts["optimized_attention_override"] = self.attention
+        opts["sequence_parallel"] = {"rank": self.rank, "ranks": self.group.size}
+        return opts
+
+
+def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep, context, y=None,
+                     guidance=None, ref_latents=None, control=None, transformer_options: Optional[dict] = None,
+                     first=None, **kwargs):
+    """Flux._forward over len(models) ranks: models[r] (the same weights) on devices[r]. `first`,
+    if given, runs rank 0 instead of models[0]._forward (the rest of a wrapper chain). Returns rank 0's
+    output, on rank 0's device."""
+    group = RankGroup(devices)
+    transformer_options = transformer_options or {}
+    last_single = len(models[0].single_blocks) - 1
+
+    def move(value, device):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, list):
+            return [move(v, device) for v in value]
+        return value
+
+    def work(rank: int):
+        device = group.devices[rank]
+        opts = _Rank(group, rank).options(transformer_options, last_single)
+        call = (first if rank == 0 and first is not None else models[rank]._forward)
+        return call(move(x, device), move(timestep, device), move(context, device), move(y, device),
+                    move(guidance, device), move(ref_latents, device), None, opts,
+                    **{k: move(v, device) for k, v in kwargs.items()})
+    return run_ranks(group, work)

@@ -1,0 +1,63 @@
+"""How a sequence-parallel forward divides its work (issue 17), pure: which tokens each rank holds
+and which attention heads each rank computes. Uneven splits are exact in one process (no padding)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class TokenRange(NamedTuple):
+    """One rank's share of a [text tokens; image tokens] sequence: half-open ranges of each part."""
+    txt: tuple[int, int]
+    img: tuple[int, int]
+
+    @property
+    def length(self) -> int:
+        return (self.txt[1] - self.txt[0]) + (self.img[1] - self.img[0])
+
+
+def _even(count: int, ranks: int) -> list[tuple[int, int]]:
+    bounds = [count * r // ranks for r in range(ranks + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def token_ranges(txt: int, img: int, ranks: int) -> list[TokenRange]:
+    """Each rank's contiguous share of the text tokens and of the image tokens, both split as evenly
+    as they go (FLUX's blocks reshape each stream by heads, so no rank may hold none of either)."""
+    if ranks < 1 or txt < ranks or img < ranks:
+        raise ValueError(f"{txt} text and {img} image tokens cannot be split over {ranks} ranks")
+    return [TokenRange(t, i) for t, i in zip(_even(txt, ranks), _even(img, ranks))]
+
+
+def head_groups(heads: int, ranks: int) -> list[tuple[int, int]]:
+    """Attention heads computed by each rank after the exchange (uneven groups allowed)."""
+    if not 1 <= ranks <= heads:
+        raise ValueError(f"{heads} heads cannot be spread over {ranks} ranks")
+    bounds = [heads * r // ranks for r in range(ranks + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def fallback_reason(*, ranks: int, heads: int, tokens: int, text_tokens: int = 1 << 30, attention_mask: bool = False,
+                    control: bool = False, timestep_zero: bool = False, foreign_override: bool = False,
+                    foreign_last_block: bool = False, single_blocks: int = 1) -> str | None:
+    """Why a forward cannot run exactly on `ranks` ranks (then it runs on one GPU), or None."""
+    if ranks < 2:
+        return None
+    if heads < ranks:
+        return f"the model has {heads} attention heads, fewer than {ranks} GPUs"
+    if tokens < ranks:
+        return f"{tokens} image tokens cannot be split over {ranks} GPUs"
+    if text_tokens < ranks:
+        return f"{text_tokens} text tokens cannot be split over {ranks} GPUs"
+    if attention_mask:
+        return "an attention mask is set (masked attention is not split)"
+    if control:
+        return "a ControlNet adds per-token control (its tensors are not sliced per GPU yet)"
+    if timestep_zero:
+        return "reference latents with index_timestep_zero modulate token ranges"
+    if foreign_override:
+        return "another attention override is installed (optimized_attention_override)"
+    if foreign_last_block:
+        return "another patch replaces the last single block"
+    if single_blocks < 1:
+        return "the model has no single blocks to gather after"
+    return None

@@ -1,0 +1,136 @@
+"""Sequence-parallel FLUX (host/sp_flux.py, issue 17), in-process on the CPU: ComfyUI's own Flux class
+(small width, its real block code and attention) run as 2, 3 and 4 ranks in threads gives the output
+of one rank to 1e-4 (fp32), uneven token and head splits included; deliberately broken variants
+(attention over local tokens only; position ids not split) fail the same check, so it can fail; a
+rank that raises aborts every rank instead of hanging; the fallback reasons are pure and exact."""
+import sys
+
+import pytest
+import torch
+
+from comfy_multigpu.policy.sequence_split import fallback_reason, head_groups, token_ranges
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def flux(comfyui_dir):
+    if str(comfyui_dir) not in sys.path:
+        sys.path.append(str(comfyui_dir))
+    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.ops
+        from comfy.ldm.flux.model import Flux
+    finally:
+        sys.argv = argv
+    torch.manual_seed(0)
+    model = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                 hidden_size=96, mlp_ratio=4.0, num_heads=6, depth=2, depth_single_blocks=2,
+                 axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                 txt_ids_dims=[], dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else torch.randn(p.shape) * 0.02)
+            if "norm" in name:
+                p.fill_(1.0)          # RMSNorm scales of q and k: attention as sharp as a trained model's
+    return model.eval().requires_grad_(False)
+
+
+def inputs(height=10, width=6, tokens=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(1, 16, height, width, generator=g), timestep=torch.tensor([0.7]),
+                context=torch.randn(1, tokens, 64, generator=g), y=torch.randn(1, 32, generator=g),
+                guidance=torch.tensor([3.5]))
+
+
+def max_rel_error(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def one_rank(model, args):
+    with torch.no_grad():
+        return model._forward(args["x"], args["timestep"], args["context"], args["y"], args["guidance"],
+                              transformer_options={})
+
+
+def ranks(model, args, n):
+    from comfy_multigpu.host.sp_flux import parallel_forward
+    with torch.no_grad():
+        return parallel_forward([model] * n, ["cpu"] * n, args["x"], args["timestep"], args["context"], args["y"],
+                                args["guidance"], transformer_options={})
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_n_ranks_give_the_output_of_one(flux, n):
+    # 5 x 3 = 15 image tokens + 7 text tokens = 22: uneven over 3 and 4 ranks; 6 heads: uneven over 4
+    args = inputs()
+    expected = one_rank(flux, args)
+    got = ranks(flux, args, n)
+    assert got.shape == expected.shape
+    assert max_rel_error(got, expected) < TOLERANCE
+
+
+def test_attention_over_local_tokens_only_fails_the_check(flux, monkeypatch):
+    from comfy_multigpu.host import sp_flux
+
+    def local_only(self, func, q, k, v, heads, *args, **kwargs):
+        return func(q, k, v, heads, *args, **kwargs)
+    monkeypatch.setattr(sp_flux._Rank, "attention", local_only)
+    args = inputs()
+    assert max_rel_error(ranks(flux, args, 2), one_rank(flux, args)) > 100 * TOLERANCE
+
+
+def test_position_ids_not_split_fail_the_check(flux, monkeypatch):
+    from comfy_multigpu.host import sp_flux
+    split = sp_flux._Rank.split
+
+    def unsplit_ids(self, args):
+        out = split(self, args)
+        length = out["img_ids"].shape[1]
+        out["img_ids"] = args["img_ids"][:, :length]       # every rank positioned as the first one
+        return out
+    monkeypatch.setattr(sp_flux._Rank, "split", unsplit_ids)
+    args = inputs()
+    assert max_rel_error(ranks(flux, args, 2), one_rank(flux, args)) > 100 * TOLERANCE
+
+
+def test_a_rank_that_raises_aborts_every_rank(flux, monkeypatch):
+    from comfy_multigpu.host import sp_flux
+    attention = sp_flux._Rank.attention
+
+    def failing(self, func, q, k, v, heads, *args, **kwargs):
+        if self.rank == 2:
+            raise RuntimeError("rank 2 out of memory")
+        return attention(self, func, q, k, v, heads, *args, **kwargs)
+    monkeypatch.setattr(sp_flux._Rank, "attention", failing)
+    with pytest.raises(RuntimeError, match="rank 2 out of memory"):
+        ranks(flux, inputs(), 3)
+
+
+def test_token_and_head_splits():
+    parts = token_ranges(7, 15, 4)
+    assert parts == [((0, 1), (0, 3)), ((1, 3), (3, 7)), ((3, 5), (7, 11)), ((5, 7), (11, 15))]
+    assert [p.length for p in parts] == [4, 6, 6, 6]
+    with pytest.raises(ValueError):
+        token_ranges(3, 15, 4)
+    assert head_groups(6, 4) == [(0, 1), (1, 3), (3, 4), (4, 6)]
+    with pytest.raises(ValueError):
+        head_groups(2, 3)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"heads": 2, "ranks": 3}, "2 attention heads, fewer than 3 GPUs"),
+    ({"tokens": 1}, "1 image tokens cannot be split over 2 GPUs"),
+    ({"text_tokens": 1}, "1 text tokens cannot be split over 2 GPUs"),
+    ({"attention_mask": True}, "attention mask"),
+    ({"control": True}, "ControlNet"),
+    ({"timestep_zero": True}, "index_timestep_zero"),
+    ({"foreign_override": True}, "another attention override"),
+    ({"foreign_last_block": True}, "replaces the last single block"),
+])
+def test_every_fallback_has_its_reason(kwargs, reason):
+    base = {"ranks": 2, "heads": 24, "tokens": 4352}
+    assert fallback_reason(**{**base, **kwargs}) and reason in fallback_reason(**{**base, **kwargs})
+    assert fallback_reason(**base) is None and fallback_reason(ranks=1, heads=1, tokens=1) is None
