@@ -23,7 +23,14 @@ if _inside_comfyui():
         sys.path.append(_ROOT)
     from comfy_multigpu.activation import activate_from_comfyui
 
-    if activate_from_comfyui() is not None:
+    _ON = activate_from_comfyui() is not None
+    if _ON or os.environ.get("COMFY_MULTIGPU_CHILD_GPU"):
+        # our nodes (SequenceParallel): where the extension runs, and in its process workers' children
+        from comfy_multigpu.host.sp_nodes import NODE_CLASS_MAPPINGS as _NODES
+        from comfy_multigpu.host.sp_nodes import NODE_DISPLAY_NAME_MAPPINGS as _NAMES
+        NODE_CLASS_MAPPINGS.update(_NODES)
+        NODE_DISPLAY_NAME_MAPPINGS.update(_NAMES)
+    if _ON:
         # the GPU selector and queue tab for the stock web UI: only when the extension is on
         WEB_DIRECTORY = "./comfy_multigpu/web/ui"
         __all__.append("WEB_DIRECTORY")

@@ -53,14 +53,58 @@ NOOP_ROUNDS = 40
 MIB = 2 ** 20
 
 
+def others() -> list[str]:
+    """ComfyUI servers and pytest runs on this machine that this script did not start."""
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = subprocess.run(["pgrep", "-af", "main.py|pytest"], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if int(line.split()[0]) not in mine]
+
+
 def wait_quiet() -> None:
-    """Until no other ComfyUI server or pytest run uses this machine's cores (polled every 30 s)."""
-    while True:
-        found = subprocess.run(["pgrep", "-af", "main.py|pytest"], capture_output=True, text=True).stdout.strip()
-        if not found:
-            return
-        print(f"waiting for other runs to end:\n{found}", file=sys.stderr)
+    """Until no other ComfyUI server or pytest run uses this machine's 2 cores (polled every 30 s)."""
+    while found := others():
+        print("waiting for other runs to end:\n" + "\n".join(found), file=sys.stderr)
         time.sleep(30)
+
+
+def repeated(repeat: int, one) -> list:
+    """`repeat` results of one(), each taken while nothing else ran (one that overlapped another run
+    is thrown away and taken again)."""
+    results = []
+    while len(results) < repeat:
+        wait_quiet()
+        result = one()
+        if others():
+            print("another run started during a repetition: taking it again", file=sys.stderr)
+            continue
+        results.append(result)
+    return results
+
+
+def run_prompts(targets, prompts) -> tuple[float, list]:
+    """Prompt i to targets[i % len(targets)] ((server, X-TARGET-GPU)), all submitted at once; waits
+    until all are in history: (seconds from the first submit until then, history entries). Each
+    server first runs two no-op prompts one after the other, so that stock ComfyUI's gc.collect
+    (due after a prompt once 10 s have passed since the last) happens before the window, not in it."""
+    servers = list(dict.fromkeys(server for server, _ in targets))
+    for server in servers:
+        server.wait_idle(600)
+        for _ in range(2):
+            server.submit(wf.sleep(0.0))
+            server.wait_idle(600)
+    start = time.perf_counter()
+    ids = []
+    for i, prompt in enumerate(prompts):
+        server, gpu = targets[i % len(targets)]
+        ids.append((server, server.submit(prompt, gpu=gpu)["prompt_id"]))
+    for server in servers:
+        server.wait_idle(600)
+    seconds = time.perf_counter() - start
+    entries = [server.wait(pid, timeout=600)[pid] for server, pid in ids]
+    bad = [e["status"] for e in entries if e["status"]["status_str"] != "success"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(ids)} prompts failed, the first: {bad[0]}")
+    return seconds, entries
 
 
 class Setup:
@@ -85,24 +129,9 @@ class Setup:
         return [(self.servers[0], g) for g in range(self.n)]
 
     def run(self, prompts, pinned: bool = False) -> tuple[float, list]:
-        """Submit all prompts at once (stock: round-robin; pinned: prompt i on worker i), wait until all
-        are in history; (seconds from first submit to the last one done, history entries)."""
-        for s in self.servers:
-            s.wait_idle(600)
-        targets = self.workers() if pinned or self.mode == "stock" else [(self.servers[0], None)]
-        start = time.perf_counter()
-        ids = []
-        for i, prompt in enumerate(prompts):
-            server, gpu = targets[i % len(targets)]
-            ids.append((server, server.submit(prompt, gpu=gpu)["prompt_id"]))
-        for s in self.servers:
-            s.wait_idle(600)
-        seconds = time.perf_counter() - start
-        entries = [server.wait(pid, timeout=600)[pid] for server, pid in ids]
-        bad = [e["status"] for e in entries if e["status"]["status_str"] != "success"]
-        if bad:
-            raise RuntimeError(f"{len(bad)} {self.mode} prompt(s) failed: {bad[0]}")
-        return seconds, entries
+        """run_prompts: stock round-robin; ours placed by the extension, or prompt i on worker i (pinned)."""
+        pinned = pinned or self.mode == "stock"
+        return run_prompts(self.workers() if pinned else [(self.servers[0], None)], prompts)
 
 
 def start_all(servers) -> None:
@@ -121,16 +150,14 @@ def forward(key: str, forwards: int, value: int = 0) -> dict:
     return {"1": {"class_type": "MGBenchForward", "inputs": {"model": key, "forwards": forwards, "value": value}}}
 
 
-def warm_and_size(setups, key: str) -> int:
-    """Build `key` in every worker of every setup, then time it alone on one stock worker: forwards per
-    prompt for MODEL_PROMPT_S on one core."""
+def warm(setups, key: str) -> float:
+    """Build `key` in every worker of every setup; then its forwards/s alone on one stock worker."""
     for setup in setups:
         _, entries = setup.run([forward(key, 1, i) for i in range(setup.n)], pinned=True)
         if setup.mode == "thread" and len({wf.ui(e, "1", "thread") for e in entries}) != setup.n:
             raise RuntimeError(f"thread-mode warm-up did not run on {setup.n} threads: {entries}")
-    stock = next(s for s in setups if s.mode == "stock")
-    _, (entry,) = stock.run([forward(key, 10)])
-    return max(1, round(MODEL_PROMPT_S * wf.ui(entry, "1", "rate")))
+    _, (entry,) = setups[MODES.index("stock")].run([forward(key, 10)])
+    return wf.ui(entry, "1", "rate")
 
 
 def model_rate(setup, key: str, forwards: int) -> float:
@@ -205,14 +232,15 @@ def memory(base: str) -> dict:
         wait_quiet()
         setup = Setup(mode, n, base, fixtures_dir=fixtures())
         try:
-            if mode == "stock":           # one stock process alone first, then all four
+            if mode == "stock":           # one stock process alone first, then the other three
                 setup.servers[0].start(600)
-                setup.run([wf.txt2img(1, "bench")])
+                run_prompts(setup.workers()[:1], [wf.txt2img(1, "bench")])
                 out[("stock", 1)] = (settled_pss(setup.servers[:1]), None)
                 start_all(setup.servers[1:])
+                run_prompts(setup.workers()[1:], [wf.txt2img(2 + i, "bench") for i in range(n - 1)])
             else:
                 start_all(setup.servers)
-            setup.run([wf.txt2img(1 + i, "bench") for i in range(n)], pinned=True)
+                setup.run([wf.txt2img(1 + i, "bench") for i in range(n)], pinned=True)
             shared = None if mode == "stock" else setup.servers[0].get("/multigpu/models")["ram_cache"]
             out[(mode, n)] = (settled_pss(setup.servers), shared and shared["bytes"])
         finally:
@@ -220,8 +248,14 @@ def memory(base: str) -> dict:
     return out
 
 
-def measure(opts, base: str, blocks: int) -> dict:
-    res = {"gil": {}, "model": {}, "noop": {}}
+def interleaved(setups, repeat: int, window) -> dict:
+    """{mode: [window(setup) per repetition]}, the setups taking turns within each repetition."""
+    runs = repeated(repeat, lambda: {setup.mode: window(setup) for setup in setups})
+    return {m: [r[m] for r in runs] for m in MODES}
+
+
+def measure(opts, base: str) -> dict:
+    res = {"gil": {}, "model": {}, "noop": {}, "memory": {}, "forwards": {}}
     sizes = sorted({*((2, 4) if "gil" in opts.parts else ()), *((1, 2, 4) if "model" in opts.parts else ()),
                     *((2,) if "noop" in opts.parts else ())})
     for n in sizes:
@@ -230,23 +264,23 @@ def measure(opts, base: str, blocks: int) -> dict:
         try:
             start_all([s for setup in setups for s in setup.servers])
             if "gil" in opts.parts and n > 1:
-                rates = res["gil"][n] = {m: [] for m in MODES}
-                for _ in range(opts.repeat):
-                    for setup in setups:
-                        seconds, _ = setup.run([wf.spin(blocks, i) for i in range(4 * n)])
-                        rates[setup.mode].append(4 * n / seconds)
-                print(f"gil n={n}: {_medians(rates)}", file=sys.stderr)
-            if "model" in opts.parts:
-                for key in opts.models:
-                    forwards = warm_and_size(setups, key)
-                    rates = res["model"][(key, n)] = {m: [] for m in MODES}
-                    rates["forwards"] = forwards
-                    for _ in range(opts.repeat):
-                        for setup in setups:
-                            rates[setup.mode].append(model_rate(setup, key, forwards))
-                    print(f"model {key} n={n} ({forwards} forwards/prompt): {_medians(rates)}", file=sys.stderr)
+                if "spin_s" not in res:       # one MGSpin prompt alone on a stock server
+                    _, (entry,) = setups[2].run([wf.spin(opts.blocks)])
+                    res["spin_s"] = wf.ui(entry, "1", "t1") - wf.ui(entry, "1", "t0")
+                res["gil"][n] = interleaved(setups, opts.repeat, lambda setup: 4 * n / setup.run(
+                    [wf.spin(opts.blocks, i) for i in range(4 * n)])[0])
+                _progress(f"gil n={n}", res["gil"][n])
+            for key in opts.models if "model" in opts.parts else ():
+                alone = warm(setups, key)     # forwards per prompt: sized once, in the first group
+                forwards = res["forwards"].setdefault(key, max(1, round(MODEL_PROMPT_S * alone)))
+                rates = res["model"][(key, n)] = interleaved(setups, opts.repeat,
+                                                              lambda setup: model_rate(setup, key, forwards))
+                rates["forwards"] = forwards
+                _progress(f"model {key} n={n} ({forwards} forwards/prompt)", rates)
             if "noop" in opts.parts and n == 2:
+                wait_quiet()
                 res["noop"] = asyncio.run(noop_latency({s.mode: s.servers[0] for s in setups[:2]}, NOOP_ROUNDS))
+                _progress("noop ms", {m: [v * 1000 for v in res["noop"][m]] for m in MODES[:2]})
         finally:
             stop_all(setups)
     if "memory" in opts.parts:
@@ -254,8 +288,9 @@ def measure(opts, base: str, blocks: int) -> dict:
     return res
 
 
-def _medians(rates: dict) -> dict:
-    return {m: round(statistics.median(rates[m]), 2) for m in MODES}
+def _progress(label: str, values: dict) -> None:
+    medians = {m: round(statistics.median(v), 2) for m, v in values.items() if m in MODES}
+    print(f"{time.strftime('%H:%M:%S')} {label}: {medians}", file=sys.stderr)
 
 
 def _spread(values, digits: int = 1) -> str:
@@ -267,13 +302,14 @@ def _ratios(rates) -> str:
     return f"{proc / thread:.2f} | {proc / stock:.2f}"
 
 
-def report(res, opts, command: str, blocks: int) -> str:
+def report(res, opts, command: str) -> str:
     lines = [f"Run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}), Python "
              f"{platform.python_version()}, torch {importlib.metadata.version('torch')} (CPU, `--cpu`), command "
              f"`{command}`: {opts.repeat} repetitions interleaved (thread, process, stock for each worker count), "
              f"median (min-max). Stock: N ComfyUI processes (`COMFY_MULTI_GPU_SCHED=0`) fed round-robin."]
     if res["gil"]:
-        lines += ["", f"GIL-holding node: `MGSpin` ({blocks} blocks, about {opts.seconds:g} s on one core), 4 x N "
+        lines += ["", f"GIL-holding node: `MGSpin` ({opts.blocks} blocks, sized to {opts.seconds:g} s on one core; "
+                  f"{res['spin_s']:.2f} s alone in a stock server), 4 x N "
                   "prompts submitted at once per window, prompts/s until all are in history "
                   f"(this machine's ceiling: {os.cpu_count() / opts.seconds:g}/s):", "",
                   "| workers | thread mode | process mode | N stock processes | process / thread | process / stock |",
@@ -300,7 +336,7 @@ def report(res, opts, command: str, blocks: int) -> str:
             lines.append(f"| {m} | {statistics.median(ms[m]):.1f} | {p90[m]:.1f} | {ms[m][0]:.1f}-{ms[m][-1]:.1f} |")
         lines += ["", f"The hop to a child process adds {hop:.1f} ms per prompt (median; "
                   f"{p90['process'] - p90['thread']:.1f} ms at p90)."]
-    if res.get("memory"):
+    if res["memory"]:
         mem = res["memory"]
         lines += ["", "Memory: PSS summed over the server's main process and all its descendants after every "
                   "worker ran `txt2img` on the tiny checkpoint (settled; each setup measured alone), MiB:", "",
@@ -332,10 +368,11 @@ def main() -> None:
     opts.models = [k.strip() for k in opts.models.split(",") if k.strip()]
     command = "scripts/run_bench.sh bench/bench_workers.py " + " ".join(sys.argv[1:])
     started = time.monotonic()
-    blocks = wf.spin_blocks(opts.seconds)
+    wait_quiet()
+    opts.blocks = wf.spin_blocks(opts.seconds)
     with tempfile.TemporaryDirectory(prefix="cmg-bench-workers-") as base:
-        res = measure(opts, base, blocks)
-    text = report(res, opts, command.strip(), blocks)
+        res = measure(opts, base)
+    text = report(res, opts, command.strip())
     print(text)
     print(f"total {time.monotonic() - started:.0f} s", file=sys.stderr)
     if opts.write:

@@ -134,3 +134,34 @@ def test_every_fallback_has_its_reason(kwargs, reason):
     base = {"ranks": 2, "heads": 24, "tokens": 4352}
     assert fallback_reason(**{**base, **kwargs}) and reason in fallback_reason(**{**base, **kwargs})
     assert fallback_reason(**base) is None and fallback_reason(ranks=1, heads=1, tokens=1) is None
+
+
+# ---- through the HTTP API on 4 CPU workers: the stock KSampler, the SequenceParallel node ----------
+
+def latent_of(server, prompt, **submit):
+    pid = server.submit(prompt, **submit)["prompt_id"]
+    entry = server.wait(pid, timeout=180)[pid]
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return torch.tensor(entry["outputs"]["9"]["values"]), entry
+
+
+def test_a_sequence_parallel_prompt_gives_the_one_gpu_latent_through_the_api(multi4):
+    from helpers import workflows as wf
+    expected, single = latent_of(multi4, wf.flux(1))
+    assert "gpu_ids" not in single and single["sequence_parallel"]["fallback"] is None
+    for n in (2, 3, 4):
+        got, entry = latent_of(multi4, wf.flux(n))
+        assert max_rel_error(got, expected) < TOLERANCE, n
+        assert len(entry["gpu_ids"]) == n and entry["gpu_id"] == entry["gpu_ids"][0]
+        assert entry["sequence_parallel"] == {"gpus_asked": n, "gpus": n, "gpu_ids": entry["gpu_ids"],
+                                              "fallback": None}
+    assert "SequenceParallel: each FLUX forward on GPUs" in multi4.log()
+
+
+def test_a_prompt_pinned_to_one_gpu_falls_back_and_says_why(multi4):
+    from helpers import workflows as wf
+    expected, _ = latent_of(multi4, wf.flux(1, seed=5))
+    got, entry = latent_of(multi4, wf.flux(2, seed=5), gpu=3)
+    assert torch.equal(got, expected) and entry["gpu_id"] == 3 and "gpu_ids" not in entry
+    assert "only 1 GPU leased" in entry["sequence_parallel"]["fallback"]
+    assert "SequenceParallel(gpus=2): running on one GPU: only 1 GPU leased" in multi4.log()

@@ -96,10 +96,11 @@ class _Rank:
 
 def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep, context, y=None,
                      guidance=None, ref_latents=None, control=None, transformer_options: Optional[dict] = None,
-                     first=None, **kwargs):
+                     first=None, workers: Optional[Sequence[Any]] = None, **kwargs):
     """Flux._forward over len(models) ranks: models[r] (the same weights) on devices[r]. `first`,
-    if given, runs rank 0 instead of models[0]._forward (the rest of a wrapper chain). Returns rank 0's
-    output, on rank 0's device."""
+    if given, runs rank 0 instead of models[0]._forward (the rest of a wrapper chain); `workers[r]`,
+    if given, is the GPU worker rank r runs for (its thread sees that worker's device). Returns rank
+    0's output, on rank 0's device."""
     group = RankGroup(devices)
     transformer_options = transformer_options or {}
     last_single = len(models[0].single_blocks) - 1
@@ -112,6 +113,9 @@ def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep,
         return value
 
     def work(rank: int):
+        if workers is not None and rank > 0:
+            from ..runtime.context import current_worker
+            current_worker.set(workers[rank])
         device = group.devices[rank]
         opts = _Rank(group, rank).options(transformer_options, last_single)
         call = (first if rank == 0 and first is not None else models[rank]._forward)

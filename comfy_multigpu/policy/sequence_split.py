@@ -36,6 +36,26 @@ def head_groups(heads: int, ranks: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+# Node types that ask for a sequence-parallel run, and the input that says on how many GPUs.
+SEQUENCE_PARALLEL_NODES = {"SequenceParallel": "gpus", "XDiTCheckpointLoader": "gpus", "XDiTUNetLoader": "gpus",
+                           "XDiTKSampler": "gpus"}
+MAX_RANKS = 8
+
+
+def requested_ranks(prompt) -> int:
+    """How many GPUs a prompt asks for at once (its gang): the largest `gpus` of its sequence-parallel
+    nodes, 1 if none (a value that is not a whole number 1-8 counts as 1: validation reports it)."""
+    wanted = 1
+    for node in (prompt or {}).values() if isinstance(prompt, dict) else ():
+        if not isinstance(node, dict):
+            continue
+        key = SEQUENCE_PARALLEL_NODES.get(node.get("class_type"))
+        value = (node.get("inputs") or {}).get(key) if key else None
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_RANKS:
+            wanted = max(wanted, value)
+    return wanted
+
+
 def fallback_reason(*, ranks: int, heads: int, tokens: int, text_tokens: int = 1 << 30, attention_mask: bool = False,
                     control: bool = False, timestep_zero: bool = False, foreign_override: bool = False,
                     foreign_last_block: bool = False, single_blocks: int = 1) -> str | None:

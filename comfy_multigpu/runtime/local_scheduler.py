@@ -18,7 +18,7 @@ from ..policy.errors import ApiError
 from .history import History
 from .prompt import ExecutionStatus, Lease, QueuedPrompt
 from .scheduler import DuplicatePrompt, GpuQueue, Member, QueueSnapshot, Scheduler
-from .startable import gang_gpus, queue_order, startable
+from .startable import fit_gang, gang_gpus, queue_order, startable
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -70,6 +70,7 @@ class LocalScheduler(Scheduler):
                                           self._draining, self.mean_run_s)
                 if refusal is not None:
                     raise refusal
+            prompt = fit_gang(prompt, len(self._members))
             gpu = prompt.target
             if gpu is None:
                 gpu = placement.choose_least_loaded(self._loads(), prompt.models, prompt.eligible)
@@ -207,6 +208,7 @@ class LocalScheduler(Scheduler):
         entry["gpu_id"] = lease.gpu_id
         if len(lease.gpu_ids) > 1:
             entry["gpu_ids"] = list(lease.gpu_ids)
+        entry.update(lease.notes)
         with self._lock:
             self._release(lease)
             self._history.add(prompt.prompt_id, entry)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 from ..policy.placement import prompt_models
+from ..policy.sequence_split import requested_ranks
 
 
 class ExecutionStatus(NamedTuple):
@@ -58,6 +59,8 @@ class QueuedPrompt:
         """From ComfyUI's 6-tuple (the 6th, sensitive, may be missing); model keys computed here, once."""
         number, prompt_id, prompt, extra_data, outputs = item[:5]
         sensitive = item[5] if len(item) > 5 else {}
+        if "gang" not in route:
+            route["gang"] = requested_ranks(prompt)
         return cls(number, prompt_id, prompt, extra_data, outputs, sensitive or {},
                    models=route.pop("models", None) or prompt_models(prompt), **route)
 
@@ -105,6 +108,7 @@ class Lease:
     started_wall: float = field(default_factory=time.time)
     ended: threading.Event = field(default_factory=threading.Event, repr=False)
     record: tuple = field(default=(), repr=False)   # the prompt as it was at the start (history)
+    notes: dict = field(default_factory=dict, repr=False)   # extra history fields (sequence_parallel)
 
     @property
     def gpu_id(self) -> int:

@@ -5,6 +5,7 @@ Host objects touched: none.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from typing import Iterable, Optional
@@ -74,6 +75,16 @@ def first_pinned(heap: list, waiting_index: dict) -> Optional[QueuedPrompt]:
             return where[1]
         heapq.heappop(heap)
     return None
+
+
+def fit_gang(prompt: QueuedPrompt, workers: int) -> QueuedPrompt:
+    """A prompt asking for more GPUs than its pool has gets the whole pool (its nodes then run on
+    fewer and say so); one pinned to a GPU runs on that GPU alone."""
+    if prompt.gang <= 1:
+        return prompt
+    size = len(prompt.eligible) if prompt.eligible is not None else workers
+    gang = 1 if prompt.target is not None else min(prompt.gang, size)
+    return prompt if gang == prompt.gang else dataclasses.replace(prompt, gang=gang)
 
 
 def gang_gpus(gpu_id: int, prompt: QueuedPrompt, free: list) -> Optional[tuple]:

@@ -69,7 +69,7 @@ class ComfyServer:
         if custom.exists():
             return              # a restart on the same base directory
         custom.mkdir(parents=True, exist_ok=True)
-        for d in ("input", "output", "user", "models/checkpoints", "models/loras"):
+        for d in ("input", "output", "user", "models/checkpoints", "models/loras", "models/diffusion_models"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
         (custom / "comfy_multigpu_test_nodes").symlink_to(NODE_PACK, target_is_directory=True)
         if self.extension:
@@ -80,7 +80,7 @@ class ComfyServer:
             (custom / nodes.name).symlink_to(nodes.resolve(), target_is_directory=True)
         if self.fixtures is not None:
             for f in self.fixtures.glob("*.safetensors"):
-                folder = "loras" if "lora" in f.name else "checkpoints"
+                folder = "loras" if "lora" in f.name else "diffusion_models" if "flux" in f.name else "checkpoints"
                 (self.base / "models" / folder / f.name).symlink_to(f)
 
     def start(self, timeout: float = 120.0) -> "ComfyServer":

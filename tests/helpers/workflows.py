@@ -65,6 +65,24 @@ def standin(model: str, seconds: float, value: int = 0, load_seconds: float = 0.
             "1": {"class_type": "MGUseStandIn", "inputs": {"seconds": seconds, "value": value, "model": ["2", 0]}}}
 
 
+FLUX = "tiny-flux-dev.safetensors"
+
+
+def flux(gpus: int, seed: int = 1, width: int = 64, height: int = 40, tokens: int = 7, steps: int = 3) -> dict:
+    """The tiny FLUX model, SequenceParallel(gpus), conditioning from MGFluxCond (no text encoder), a
+    stock KSampler, the latent's values reported (MGLatentValues, node "9")."""
+    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX, "weight_dtype": "default"}},
+            "2": {"class_type": "SequenceParallel", "inputs": {"model": ["1", 0], "gpus": gpus}},
+            "3": {"class_type": "MGFluxCond", "inputs": {"seed": seed, "tokens": tokens, "width": 64, "pooled": 32,
+                                                          "guidance": 3.5}},
+            "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+            "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                        "latent_image": ["4", 0], "seed": seed, "steps": steps,
+                                                        "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                                                        "denoise": 1.0}},
+            "9": {"class_type": "MGLatentValues", "inputs": {"samples": ["5", 0]}}}
+
+
 def spin(blocks: int, value: int = 0) -> dict:
     """Holds the GIL for `blocks` x 1000 pure-Python additions (spin_blocks() sizes it in seconds)."""
     return {"1": {"class_type": "MGSpin", "inputs": {"blocks": blocks, "value": value}}}

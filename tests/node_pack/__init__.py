@@ -284,6 +284,37 @@ class MGSpin(AlwaysRun):
         return {"ui": {"t0": [t0], "t1": [time.time()], "gpu": [_worker_id()], "value": [value]}}
 
 
+class MGFluxCond(TestNode):
+    """FLUX conditioning without a text encoder: `tokens` random context vectors of the tiny FLUX
+    model's width, a pooled vector and the guidance, from a seed."""
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 7, "min": 1}),
+                             "width": ("INT", {"default": 64}), "pooled": ("INT", {"default": 32}),
+                             "guidance": ("FLOAT", {"default": 3.5})}}
+
+    def run(self, seed, tokens, width, pooled, guidance):
+        import torch
+        g = torch.Generator().manual_seed(seed)
+        context = torch.randn(1, tokens, width, generator=g)
+        return ([[context, {"pooled_output": torch.randn(1, pooled, generator=g), "guidance": guidance}]],)
+
+
+class MGLatentValues(TestNode):
+    """Reports a LATENT's values (for comparing runs exactly through the HTTP API)."""
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    def run(self, samples):
+        latent = samples["samples"].float()
+        return {"ui": {"values": latent.flatten().tolist(), "shape": list(latent.shape), "gpu": [_worker_id()]}}
+
+
 class WorkerKiller(BaseException):
     """Not an Exception: nothing in ComfyUI's node handling catches it, so it ends the worker's loop."""
 
@@ -358,7 +389,7 @@ class MGMakeCycle(AlwaysRun):
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
                        (MGSleep, MGProbe, MGNoise, MGPreviewMethod, MGAdd, MGExpand, MGShow, MGHoldModel,
                         MGSaveNumbered, MGLoadStandIn, MGUseStandIn, MGFault, MGRecord, MGMakeCycle,
-                        MGSpin)}
+                        MGSpin, MGFluxCond, MGLatentValues)}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
 

@@ -1,0 +1,142 @@
+"""The SequenceParallel node (issue 17): a model patch that runs each FLUX denoiser forward on the GPUs
+the prompt leased (host/sp_flux.py), or on one GPU with the reason logged and kept in history.
+
+A prompt holding this node asks the scheduler for `gpus` workers at once (QueuedPrompt.gang, read from
+the graph by policy/sequence_split.requested_ranks); its rank 0 runs the executor, the others lend their
+devices. It works with the stock loaders and samplers (KSampler, SamplerCustomAdvanced): the patch is a
+DIFFUSION_MODEL wrapper on a clone of the model, ComfyUI's own extension point.
+
+Host objects touched: comfy.model_patcher.ModelPatcher (clone, add_wrapper_with_key),
+comfy.patcher_extension.WrappersMP, comfy.ldm.flux.model.Flux (type check), nodes' registry (through
+the custom node's NODE_CLASS_MAPPINGS).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Optional
+
+from ..policy.sequence_split import MAX_RANKS, fallback_reason
+from ..runtime.context import current_worker
+
+logger = logging.getLogger("comfy_multigpu")
+
+WRAPPER_KEY = "comfy_multigpu.sequence_parallel"
+
+
+class SequenceParallelWrapper:
+    """WrappersMP.DIFFUSION_MODEL wrapper: the forward on the lease's GPUs, or one with a reason."""
+
+    def __init__(self, gpus: int):
+        self.gpus = gpus
+        self._copies: dict = {}           # device -> the model's copy on it (other GPUs than rank 0's)
+        self._lock = threading.Lock()
+
+    def __call__(self, executor, *args, **kwargs):
+        from comfy.ldm.flux.model import Flux
+        from .sp_flux import flux_fallback, parallel_forward
+        model = executor.class_obj
+        workers = self._leased_workers()
+        ranks = min(self.gpus, len(workers))
+        if not isinstance(model, Flux):
+            reason = f"{type(model).__name__} is not a supported model (FLUX.1)"
+        elif ranks < 2:
+            reason = self._why_one(workers)
+        else:
+            extra = dict(kwargs)
+            x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra)
+            reason = flux_fallback(model, x, context, options, ranks, control=control, ref_latents=ref_latents,
+                                   **extra)
+        self._note(workers, ranks, reason)
+        if reason is not None or self.gpus < 2:
+            return executor(*args, **kwargs)
+        workers = workers[:ranks]
+        devices = [w.device for w in workers]
+        models = [model] + [self._copy_on(model, d, devices[0]) for d in devices[1:]]
+        return parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents, control,
+                                options, first=executor, workers=workers, **extra)
+
+    def _leased_workers(self) -> list:
+        worker = current_worker.get()
+        lease = getattr(worker, "lease", None)
+        pool = getattr(worker, "pool", None)
+        if lease is None or pool is None:
+            return [worker] if worker is not None else []
+        return [pool.workers[g] for g in lease.gpu_ids]
+
+    def _why_one(self, workers: list) -> Optional[str]:
+        if self.gpus < 2:
+            return None
+        worker = current_worker.get()
+        if worker is None:
+            return "comfy-multigpu is not active in this process"
+        if not hasattr(worker, "lease"):
+            return "process workers own one GPU each (COMFY_MULTIGPU_WORKER_MODE=thread runs it on several)"
+        return (f"only {len(workers)} GPU leased for this prompt (it is pinned to one GPU, or its pool "
+                f"has fewer than {self.gpus})")
+
+    def _note(self, workers: list, ranks: int, reason: Optional[str]) -> None:
+        """Once per prompt: a log line and the prompt's history field `sequence_parallel`."""
+        worker = current_worker.get()
+        lease = getattr(worker, "lease", None)
+        note = {"gpus_asked": self.gpus, "gpus": 1 if reason else max(1, ranks),
+                "gpu_ids": [w.gpu_id for w in workers[:1 if reason else ranks]], "fallback": reason}
+        if lease is not None:
+            if lease.notes.get("sequence_parallel") == note:
+                return
+            lease.notes["sequence_parallel"] = note
+        if reason is not None:
+            logger.warning("[GPU %s] SequenceParallel(gpus=%d): running on one GPU: %s",
+                           getattr(worker, "gpu_id", "?"), self.gpus, reason)
+        elif ranks >= 2:
+            logger.info("[GPU %s] SequenceParallel: each FLUX forward on GPUs %s", getattr(worker, "gpu_id", "?"),
+                        note["gpu_ids"])
+
+    def _copy_on(self, model, device, home) -> Any:
+        """The model on another rank's device: the same module where the device is rank 0's (CPU
+        workers, two workers on one GPU), else a copy made once per device."""
+        if device == home:
+            return model
+        with self._lock:
+            copy = self._copies.get(device)
+            if copy is None:      # a view of the shared CPU weights, then moved: RAM holds them once
+                from ..runtime.weight_views import make_view
+                copy = self._copies[device] = make_view(model).to(device)
+            return copy
+
+
+def _positional(args: tuple, kwargs: dict) -> tuple:
+    """Flux.forward's (x, timestep, context, y, guidance, ref_latents, control, transformer_options)."""
+    names = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
+    values = list(args[:8]) + [kwargs.pop(n, None) for n in names[len(args[:8]):]]
+    values[7] = values[7] or {}
+    return tuple(values)
+
+
+class SequenceParallel:
+    """MODEL -> MODEL: each denoiser forward runs on `gpus` GPUs at once (FLUX.1; others run on one)."""
+    CATEGORY = "advanced/model"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    DESCRIPTION = ("Runs each FLUX denoiser step on several GPUs at once (sequence parallelism): the prompt "
+                   "waits until that many GPUs of its pool are free. Falls back to one GPU, with the reason "
+                   "in the log and in the prompt's history, when the model or the patches do not allow it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",),
+                             "gpus": ("INT", {"default": 2, "min": 1, "max": MAX_RANKS,
+                                              "tooltip": "GPUs to run each forward on (1: off)"})}}
+
+    def patch(self, model, gpus):
+        import comfy.patcher_extension
+        patched = model.clone()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     SequenceParallelWrapper(int(gpus)))
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {"SequenceParallel": SequenceParallel}
+NODE_DISPLAY_NAME_MAPPINGS = {"SequenceParallel": "Sequence Parallel (several GPUs per image)"}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "SequenceParallelWrapper", "fallback_reason"]
