@@ -44,7 +44,7 @@ def install(child, sharing: bool) -> list[str]:
     """Apply the child's patches and make the calling thread the worker's; returns the applied ids."""
     from ..runtime.context import current_worker
     notes = Notes(child.link.send)
-    pool = ChildPool(ChildWeights(child.call, notes) if sharing else None, ChildSaveNames(child.call, notes))
+    pool = ChildPool(ChildWeights(child.call, notes) if sharing else None, ChildSaveNames(child.call, child.link.send))
     _host, specs = patching.load_manifest()
     patchset = patching.PatchSet([s for s in specs if s.process_child], pool)
     problems = patchset.problems()

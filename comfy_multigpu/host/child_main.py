@@ -41,6 +41,7 @@ class Child:
         self.gpu_id = gpu_id
         self.commands: queue.Queue = queue.Queue()
         self.current_prompt = None
+        self.interrupted: set = set()     # prompt ids interrupted before they started here
         self._calls: dict[int, queue.Queue] = {}
         self._next_call = 0
         self._calls_lock = threading.Lock()
@@ -54,11 +55,12 @@ class Child:
                 message, fds = self.link.recv()
             except LinkClosed:
                 os._exit(0)            # the main process is gone or stops us: nothing to finish
+            except Exception:
+                logger.warning("[GPU %s] unreadable message from the main process", self.gpu_id, exc_info=True)
+                continue
             kind = message[0]
             if kind == "interrupt":
-                if message[1] is None or message[1] == self.current_prompt:
-                    import comfy.model_management
-                    comfy.model_management.interrupt_current_processing(True)
+                self.interrupt(message[1])
             elif kind == "reply":
                 with self._calls_lock:
                     waiter = self._calls.pop(message[1], None)
@@ -66,6 +68,24 @@ class Child:
                     waiter.put((message[2], fds))
             else:
                 self.commands.put((message, fds))
+
+    def interrupt(self, prompt_id) -> None:
+        """Now if it runs; if it has not started yet, as soon as it does (at execution_start, after the
+        executor's own reset of the flag)."""
+        import comfy.model_management
+        if prompt_id is not None:
+            if len(self.interrupted) > 1000:       # ids of prompts that never came here
+                self.interrupted.clear()
+            self.interrupted.add(prompt_id)
+        if prompt_id is None or prompt_id == self.current_prompt:
+            comfy.model_management.interrupt_current_processing(True)
+
+    def started(self, prompt_id) -> None:
+        """The executor reset its interrupt flag and starts `prompt_id`: apply an earlier interrupt."""
+        if prompt_id in self.interrupted:
+            self.interrupted.discard(prompt_id)
+            import comfy.model_management
+            comfy.model_management.interrupt_current_processing(True)
 
     def call(self, name: str, *args, fds: tuple = ()):
         """Ask the main process something and wait for the answer: (value, file descriptors)."""
@@ -118,6 +138,7 @@ class Child:
             error = f"{type(ex).__name__}: {ex}"
         finally:
             self.current_prompt = None
+            self.interrupted.discard(prompt_id)
         free = self._device_memory()
         try:
             self.link.send(("done", executor.history_result, executor.success, executor.status_messages, free, error))
@@ -208,9 +229,21 @@ def _start_comfyui(child: Child, sharing: bool):
     comfy_main.hijack_progress(prompt_server)
     from . import child_hooks
     child_hooks.install(child, sharing)
-    from .services import ComfyServices
-    executor = ComfyServices().new_executor(prompt_server)
-    return prompt_server, executor
+    import comfy.model_management as mm
+    import execution
+    from .services import executor_cache_settings
+
+    class ChildExecutor(execution.PromptExecutor):
+        """ComfyUI's executor; its execution_start (after it reset the interrupt flag) applies an
+        interrupt that reached this process before the prompt did."""
+
+        def add_message(self, event, data, broadcast: bool):
+            if event == "execution_start":
+                child.started(data.get("prompt_id"))
+            return super().add_message(event, data, broadcast)
+
+    cache_type, cache_args = executor_cache_settings(args, mm.total_ram)
+    return prompt_server, ChildExecutor(prompt_server, cache_type=cache_type, cache_args=cache_args)
 
 
 def main(argv: list[str]) -> None:

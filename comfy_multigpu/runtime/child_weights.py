@@ -85,8 +85,8 @@ class ChildWeights:
             raise
         try:
             published = shared_segments.publish(template, segment)
-        except shared_segments.SegmentError as ex:
-            self.call("weights_failed", key, str(ex), False)
+        except Exception as ex:      # SegmentError, or /dev/shm full (Docker's default is 64 MiB)
+            self.call("weights_failed", key, f"{type(ex).__name__}: {ex}", False)
             return template
         fd = os.open(segment, os.O_RDONLY)
         try:
@@ -125,11 +125,12 @@ class ChildWeights:
 
 
 class ChildSaveNames:
-    """pool.save_names in a child: the main process holds the reservations of every worker."""
+    """pool.save_names in a child: the main process holds the reservations of every worker. A release
+    is sent at once, on the link, so it always reaches the main process before the next reservation."""
 
-    def __init__(self, call: Callable, notes: Notes):
+    def __init__(self, call: Callable, send: Callable[[tuple], None]):
         self.call = call
-        self.notes = notes
+        self.send = send
         self._holding = False
 
     def reserve(self, gpu_id: int, key: tuple) -> None:
@@ -141,7 +142,7 @@ class ChildSaveNames:
 
     def release(self, gpu_id: int) -> None:
         self._holding = False
-        self.notes.put("names_release")
+        self.send(("note", "names_release"))
 
 
 def _referable(obj: Any) -> bool:

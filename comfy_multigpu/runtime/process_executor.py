@@ -3,11 +3,11 @@ its prompts run in a child process of their own (host/child_main.py).
 
 `ProcessExecutor` stands where ComfyUI's PromptExecutor stands in thread mode (execute, success,
 status_messages, history_result, reset), so the worker's loop, the scheduler, the journal, the API
-and the web UI do not change. A reader thread per child delivers what the child's executor sends to
-clients through the real PromptServer (as the worker, so only the submitting client gets it) and
-answers the child's questions: shared weights (runtime/segment_store.py) and output-name
-reservations (runtime/save_names.py). A child that dies fails the prompt it ran and is started again
-at once in the background; other GPUs never notice.
+and the web UI do not change. Its child (runtime/child_process.py) is started by a keeper thread that
+lives as long as the executor (the kernel kills a child when the *thread* that started it ends:
+PR_SET_PDEATHSIG). A child that dies fails the prompt it ran (the client gets execution_error) and a
+new one is started at once in the background, with a growing pause while starts keep failing (the
+worker shows down meanwhile); other GPUs never notice.
 
 Host objects touched: PromptServer.instance (send_sync, client_id, last_node_id, sockets_metadata,
 all through the worker's per-worker attributes); folder_paths (where ComfyUI lives); sys.argv.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -25,13 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..policy.config import ENV_CHILD
-from . import child_link
-from .context import current_worker
+from .child_process import ChildProcess, stop_child
 
 logger = logging.getLogger("comfy_multigpu")
 
 CHILD_START_S = 600.0          # longest a child may take to import ComfyUI and its custom nodes
 CHILD_STOP_S = 5.0
+RETRY_PAUSES_S = (0.0, 1.0, 5.0, 15.0, 30.0)   # before each start after consecutive failed ones
 EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -76,75 +75,68 @@ class ProcessExecutor:
         self.success = False
         self.status_messages: list = []
         self.info: dict = {}                   # what the child said when ready (pid, device, seconds)
-        self.memory: Optional[tuple] = None   # (free, total) bytes of its CUDA device, as the child saw last
-        self.proc: Optional[subprocess.Popen] = None
-        self.link: Optional[child_link.Link] = None
-        self._replies: queue.Queue = queue.Queue()
-        self._ready = threading.Event()
+        self.memory: Optional[tuple] = None    # (free, total) bytes of its CUDA device, as the child saw last
+        self.child: Optional[ChildProcess] = None
+        self._lock = threading.Lock()          # child, start state, stopping
+        self._ready = threading.Event()        # set: `child` is up, or the last start failed
         self._start_error: Optional[str] = None
-        self._current: Optional[str] = None
-        self._lock = threading.Lock()          # proc, link, replies, and the state below
-        self._busy = 0                         # starts and conversations under way
+        self._start_pending = True
+        self._failures = 0
         self._stopping = False
-        self._restarting: Optional[subprocess.Popen] = None   # the dead child a restart is asked for
-        # Children are started by one thread that lives as long as this executor: the kernel kills a
-        # child when the *thread* that started it ends (PR_SET_PDEATHSIG), not only its process.
         self._starts: queue.Queue = queue.Queue()
-        threading.Thread(target=self._keep, daemon=True, name=f"comfy-multigpu-gpu{worker.gpu_id}-keeper").start()
+        self._keeper = threading.Thread(target=self._keep, daemon=True,
+                                        name=f"comfy-multigpu-gpu{worker.gpu_id}-keeper")
+        self._keeper.start()
         self._starts.put("start")
         self._ready.wait()
         if self._start_error is not None:
-            self._starts.put("stop")               # the worker's loop makes a new executor
+            self.request_stop()
             raise ChildDied(self._start_error)
 
-    # ---- life cycle -----------------------------------------------------------------------------
+    # ---- life cycle (the keeper thread) -----------------------------------------------------------
     def _keep(self) -> None:
         while self._starts.get() != "stop":
-            if self.alive():                   # asked twice for one death: the new child is up
-                self._ready.set()
-                continue
-            self._start_error = None
-            with self._lock:
-                self._busy += 1
+            time.sleep(RETRY_PAUSES_S[min(self._failures, len(RETRY_PAUSES_S) - 1)])
+            if self._stopping:
+                break
             try:
-                self.start()
+                child = self._start()
             except Exception as ex:
-                self._start_error = str(ex)
+                self._failures += 1
                 self.worker.log.error("%s", ex)
-            finally:
                 with self._lock:
-                    self._busy -= 1
+                    self._start_error, self._start_pending = str(ex), False
+                    self._ready.set()
+                self._mark_up(False)
+                continue
+            self._failures = 0
+            with self._lock:
+                self.child, self._start_error, self._start_pending = child, None, False
+                self._ready.set()
+            self._mark_up(True)
+        stop_child(self.child, CHILD_STOP_S)   # the child must end before this thread does
+        with self._lock:
+            self._start_error = "the process worker is stopping"
             self._ready.set()
 
-    def start(self) -> None:
-        """Start the child and wait until ComfyUI is up in it (raises ChildDied if it cannot start);
-        called in the keeper thread."""
-        link, theirs = child_link.pair()
+    def _start(self) -> ChildProcess:
         env = dict(os.environ)
         env[ENV_CHILD] = str(self.worker.gpu_id)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (EXTENSION_ROOT, env.get("PYTHONPATH")) if p)
         device = visible_device(self.worker.label)
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
-        command = [self.spawn.python, "-m", "comfy_multigpu.host.child_main", "--fd", str(theirs.fileno()),
-                   "--gpu", str(self.worker.gpu_id), "--comfyui", self.spawn.comfyui_dir]
-        if not self.spawn.sharing:
-            command.append("--no-sharing")
-        command += ["--", *self.spawn.argv]
+        command = [self.spawn.python, "-m", "comfy_multigpu.host.child_main", "--gpu", str(self.worker.gpu_id),
+                   "--comfyui", self.spawn.comfyui_dir] + ([] if self.spawn.sharing else ["--no-sharing"])
         started = time.perf_counter()
-        proc = subprocess.Popen(command, env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-        theirs.close()
-        replies: queue.Queue = queue.Queue()
-        with self._lock:
-            self.proc, self.link, self._replies = proc, link, replies
-        threading.Thread(target=self._read, args=(link, proc, replies), daemon=True,
-                         name=f"comfy-multigpu-gpu{self.worker.gpu_id}-child").start()
+        child = ChildProcess(self.worker, self.server, self.store, command, ["--", *self.spawn.argv], env,
+                             self._died)
         try:
-            reply = replies.get(timeout=CHILD_START_S)
+            reply = child.replies.get(timeout=CHILD_START_S)
         except queue.Empty:
             reply = ("failed", f"not ready after {CHILD_START_S:.0f} s")
         if reply[0] != "ready":
-            self._kill()
+            child.kill()
             text = reply[1] if reply[0] == "failed" else f"exit code {reply[1]}"
             raise ChildDied(f"the process of GPU {self.worker.gpu_id} did not start: {text}")
         self.info = reply[1]
@@ -153,173 +145,88 @@ class ProcessExecutor:
                              self.info["pid"], self.info["device"], self.worker.label,
                              time.perf_counter() - started,
                              "; DynamicVRAM on in its process" if self.info.get("dynamic_vram") else "")
+        return child
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def _mark_up(self, up: bool) -> None:
+        """After the first start the worker's `up` follows its child (placement avoids a down one)."""
+        if self.worker.started.is_set() and self.worker.up != up:
+            self.worker.up = up
+            self.worker.pool.scheduler.wake()
+
+    def _died(self, child: ChildProcess) -> None:
+        """The reader of `child` saw it end: a new one, unless stopping or it was never the current one."""
+        code = child.proc.returncode
+        with self._lock:
+            if self._stopping or child is not self.child or child.restart_asked:
+                return
+            child.restart_asked = True
+            self._start_pending = True
+            self._ready.clear()
+        self.worker.restarts += 1
+        self.worker.log.error("Process worker died (exit code %s); starting a new one", code)
+        self._starts.put("start")
 
     def request_stop(self) -> None:
-        """Ask the child to stop after what it runs now; no new child is started after this."""
+        """No new child; the current one stops after what it runs now (see stop)."""
         with self._lock:
             self._stopping = True
         self._starts.put("stop")
-        if self.link is not None:
-            try:
-                self.link.send(("stop",))
-            except child_link.LinkClosed:
-                pass
 
     def stop(self, timeout: float = CHILD_STOP_S) -> None:
-        """request_stop, then wait; kill the child if it has not ended after `timeout`."""
+        """request_stop, then wait for the keeper, which waits for the child (killed after `timeout`)."""
         self.request_stop()
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._kill()
+        self._keeper.join(timeout + 2.0)
 
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def _restart_after(self, reason: str, proc) -> None:
-        """The child `proc` died: count it, then start a new one in the background (the API never
-        waits); once per death, whoever notices it first (the reader thread or a conversation)."""
-        with self._lock:
-            if self._stopping or self._restarting is proc:
-                return
-            self._restarting = proc
-        self._ready.clear()
-        self.worker.restarts += 1
-        self.worker.log.error("Process worker died (%s); starting a new one", reason)
-        self._starts.put("start")
-
-    # ---- the reader thread ------------------------------------------------------------------------
-    def _read(self, link, proc, replies: queue.Queue) -> None:
-        current_worker.set(self.worker)
-        while True:
-            try:
-                message, fds = link.recv()
-            except child_link.LinkClosed:
-                break
-            kind = message[0]
-            if kind == "event":
-                self._relay(*message[1:])
-            elif kind == "call":
-                self._answer(link, message[1], message[2], message[3], fds)
-            elif kind == "note":
-                self._note(*message[1:])
-            else:
-                replies.put(message)
-        code = proc.wait()
-        link.close()
-        if self.store is not None:
-            self.store.abandon(self.worker.gpu_id)
-        self.worker.pool.save_names.release(self.worker.gpu_id)
-        replies.put(("died", code))            # for a start or a conversation waiting on it
-        with self._lock:
-            idle = self._busy == 0 and proc is self.proc
-        if idle:                               # died between prompts: replace it now
-            self._restart_after(f"exit code {code}, while idle", proc)
-
-    def _relay(self, event, data, sid) -> None:
-        if event == "executing" and isinstance(data, dict):
-            self.server.last_node_id = data.get("node")
-        self.server.send_sync(event, data, sid)
-
-    def _answer(self, link, call_id: int, name: str, args: tuple, fds: list) -> None:
-        out_fds: tuple = ()
-        try:
-            if name == "weights_acquire":
-                grant = self.store.acquire(self.worker.gpu_id, *args)
-                value = {"action": grant.action, "key": grant.key, "blob": grant.blob,
-                         "segment": grant.segment, "reason": grant.reason}
-                out_fds = (grant.fd,) if grant.action == "attach" else ()
-            elif name == "weights_published":
-                self.store.published(self.worker.gpu_id, *args, fds.pop())
-                value = None
-            elif name == "weights_failed":
-                self.store.failed(self.worker.gpu_id, *args)
-                value = None
-            elif name == "names_reserve":
-                self.worker.pool.save_names.reserve(self.worker.gpu_id, args[0])
-                value = None
-            else:
-                value = ValueError(f"unknown call {name!r}")
-        except Exception as ex:
-            logger.warning("[GPU %s] call %s from the process worker failed", self.worker.gpu_id, name,
-                           exc_info=True)
-            value = RuntimeError(f"{type(ex).__name__}: {ex}")
-        for fd in fds:
-            os.close(fd)
-        try:
-            link.send(("reply", call_id, value), fds=out_fds)
-        except child_link.LinkClosed:
-            pass
-
-    def _note(self, name: str, *args) -> None:
-        if name == "weights_released" and self.store is not None:
-            self.store.released(self.worker.gpu_id, args[0])
-        elif name == "names_release":
-            self.worker.pool.save_names.release(self.worker.gpu_id)
+    def alive(self) -> bool:
+        child = self.child
+        return child is not None and child.alive()
 
     # ---- what the worker asks ---------------------------------------------------------------------
     def _converse(self, message: tuple) -> tuple:
-        """Send a command and wait for its answer; ChildDied if the child ends first."""
-        with self._lock:
-            self._busy += 1
-        try:
+        """Send a command to the current child and wait for its answer; ChildDied if it ends first
+        or no child can be started. A child found dead before anything was sent is replaced first."""
+        while True:
             self._ready.wait()
-            if self._start_error is not None:
-                error, self._start_error = self._start_error, None
-                self._restart_after(error, self.proc)
+            with self._lock:
+                child, error = self.child, self._start_error
+                if error is not None and not self._start_pending and not self._stopping:
+                    self._start_pending = True         # the next command tries again (after a pause)
+                    self._ready.clear()
+                    self._starts.put("start")
+            if error is not None:
                 raise ChildDied(error)
-            with self._lock:
-                proc, link, replies = self.proc, self.link, self._replies
-            try:
-                link.send(message)
-            except child_link.LinkClosed:
-                pass                     # the reader thread reports the death below
-            reply = replies.get()
+            if child.dead.is_set():
+                self._died(child)
+                continue
+            child.send(message)
+            reply = child.replies.get()
             if reply[0] == "died":
-                reason = f"exit code {reply[1]}"
-                self._restart_after(reason, proc)
-                raise ChildDied(f"the process of GPU {self.worker.gpu_id} died ({reason})")
+                raise ChildDied(f"the process of GPU {self.worker.gpu_id} died (exit code {reply[1]})")
             return reply
-        finally:
-            with self._lock:
-                self._busy -= 1
 
     def execute(self, prompt, prompt_id, extra_data, outputs) -> None:
         client_id = extra_data.get("client_id")
         self.server.client_id = client_id
-        metadata = {}
+        self.worker.set_interrupt(False)          # the child has its own flag; keep this one clean
         sockets_metadata = getattr(self.server, "sockets_metadata", {}) or {}
-        if client_id in sockets_metadata:
-            metadata[client_id] = sockets_metadata[client_id]
+        metadata = {client_id: sockets_metadata[client_id]} if client_id in sockets_metadata else {}
         self.history_result, self.success, self.status_messages = {"outputs": {}, "meta": {}}, False, []
-        self._current = prompt_id
         try:
             reply = self._converse(("execute", prompt, prompt_id, extra_data, outputs, metadata))
-        finally:
-            self._current = None
+        except ChildDied as ex:
+            if client_id is not None:
+                self.server.send_sync("execution_error", _error(prompt_id, ex), client_id)
+            raise
         _, self.history_result, self.success, self.status_messages, self.memory, error = reply
         if error is not None:
             self.success = False
-            self.status_messages = list(self.status_messages) + [("execution_error", {
-                "prompt_id": prompt_id, "exception_message": error, "exception_type": error.split(":", 1)[0],
-                "timestamp": int(time.time() * 1000)})]
+            self.status_messages = list(self.status_messages) + [("execution_error", _error(prompt_id, error))]
 
     def interrupt(self, prompt_id: Optional[str]) -> None:
-        """Stop what the child runs (`prompt_id`: only if that is what it runs); from any thread."""
-        link = self.link
-        if link is None:
-            return
-        try:
-            link.send(("interrupt", prompt_id))
-        except child_link.LinkClosed:
-            pass
+        """Stop `prompt_id` (None: whatever runs) in the child, now or as soon as it starts there."""
+        child = self.child
+        if child is not None:
+            child.send(("interrupt", prompt_id))
 
     def free(self, unload_models: bool, free_memory: bool) -> None:
         _, self.memory = self._converse(("free", unload_models, free_memory))
@@ -339,7 +246,13 @@ class ProcessExecutor:
 
     @property
     def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc is not None else None
+        return self.child.pid if self.child is not None else None
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "alive": self.alive(), "device": self.info.get("device")}
+
+
+def _error(prompt_id: str, ex) -> dict:
+    text = ex if isinstance(ex, str) else f"{type(ex).__name__}: {ex}"
+    return {"prompt_id": prompt_id, "exception_message": text, "exception_type": text.split(":", 1)[0],
+            "timestamp": int(time.time() * 1000)}

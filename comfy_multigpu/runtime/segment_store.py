@@ -26,6 +26,8 @@ from .weights import OUTSIDE, file_identity, holding
 
 logger = logging.getLogger("comfy_multigpu")
 
+LOAD_WAIT_S = 1800.0           # longest a caller waits for another worker's load of the same file
+
 
 @dataclass
 class Segment:
@@ -34,6 +36,7 @@ class Segment:
     name: str
     path: str
     fd: Optional[int] = None            # the main process's handle; closed on eviction
+    segment: str = ""                   # its /dev/shm name while the loader writes it
     blob: bytes = b""                   # the pickled object around the tensors
     nbytes: int = 0
     loads: int = 0
@@ -79,15 +82,20 @@ class SegmentStore:
             entry = self.entries.get(key)
             if entry is None:
                 self._serial += 1
-                entry = Segment(key, kind, os.path.basename(path), os.path.realpath(path), loader=user)
+                segment = shared_segments.segment_path(self.owner_pid, f"{self._serial}-{kind}")
+                entry = Segment(key, kind, os.path.basename(path), os.path.realpath(path), loader=user,
+                                segment=segment)
                 self.entries[key] = entry
                 self.misses += 1
                 entry.pending += 1
-                name = f"{self._serial}-{kind}"
-                return Grant("load", key, segment=shared_segments.segment_path(self.owner_pid, name))
+                return Grant("load", key, segment=segment)
             self.hits += 1
             entry.pending += 1
-        entry.ready.wait()
+        if not entry.ready.wait(LOAD_WAIT_S):
+            with self.lock:
+                entry.pending -= 1
+            raise RuntimeError(f"{kind} {entry.name}: another worker has been loading it for over "
+                               f"{LOAD_WAIT_S:.0f} s")
         with self.lock:
             entry.pending -= 1
             if entry.private is not None:
@@ -159,6 +167,7 @@ class SegmentStore:
                     entry.error = f"the process of GPU {user} died while loading it"
                     entry.loader = None
                     del self.entries[entry.key]
+                    shared_segments.remove(entry.segment)      # if it died half-way through writing it
                     entry.ready.set()
 
     def _use(self, entry: Segment, user: int) -> None:

@@ -179,7 +179,10 @@ class GpuWorker:
         self.up = False
 
     def _loop(self, server) -> None:
-        executor = self.executor = self.pool.new_executor(self, server)
+        if self.pool.process_mode and self.executor is not None:
+            executor = self.executor             # the loop restarted: its child (and keeper) go on
+        else:
+            executor = self.executor = self.pool.new_executor(self, server)
         self.measure_free_memory()
         self.up = True
         self.log.info("Worker started on %s", self.label)
@@ -277,9 +280,12 @@ class GpuWorker:
         free_memory = messages.get("free_memory", False)
         unload = messages.get("unload_models", free_memory)
         if unload or free_memory:
-            executor.free(unload, free_memory)
-            self.log.info("%s (/free, in its process)", " and ".join(
-                w for w, on in (("Unloaded models", unload), ("reset node caches", free_memory)) if on))
+            try:
+                executor.free(unload, free_memory)
+                self.log.info("%s (/free, in its process)", " and ".join(
+                    w for w, on in (("Unloaded models", unload), ("reset node caches", free_memory)) if on))
+            except Exception as ex:          # its child died meanwhile: a new one has nothing loaded
+                self.log.warning("/free in its process: %s", ex)
         for request in messages.get("preload", ()):
             try:
                 state = executor.preload(request.kind, request.name, True)
