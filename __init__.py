@@ -25,11 +25,12 @@ if _inside_comfyui():
 
     _ON = activate_from_comfyui() is not None
     if _ON or os.environ.get("COMFY_MULTIGPU_CHILD_GPU"):
-        # our nodes (SequenceParallel): where the extension runs, and in its process workers' children
-        from comfy_multigpu.host.sp_nodes import NODE_CLASS_MAPPINGS as _NODES
-        from comfy_multigpu.host.sp_nodes import NODE_DISPLAY_NAME_MAPPINGS as _NAMES
-        NODE_CLASS_MAPPINGS.update(_NODES)
-        NODE_DISPLAY_NAME_MAPPINGS.update(_NAMES)
+        # our nodes (SequenceParallel, the XDiT drop-ins): where the extension runs, and in its
+        # process workers' children
+        from comfy_multigpu.host import sp_nodes, xdit_nodes
+        for _module in (sp_nodes, xdit_nodes):
+            NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+            NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
     if _ON:
         # the GPU selector and queue tab for the stock web UI: only when the extension is on
         WEB_DIRECTORY = "./comfy_multigpu/web/ui"

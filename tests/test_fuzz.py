@@ -47,7 +47,8 @@ raw_body = st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).enc
 header = st.sampled_from(["0", "1", "auto", "", "9", "-1", "1.0", "fast", "slow", "high", "LOW", "vip"]) | printable
 requests = st.tuples(
     st.sampled_from(ROUTES),
-    st.fixed_dictionaries({}, optional={"X-TARGET-GPU": header, "X-GPU-POOL": header, "X-PRIORITY": header}),
+    st.fixed_dictionaries({}, optional={"X-TARGET-GPU": header, "X-GPU-POOL": header, "X-PRIORITY": header,
+                                        "X-SEQUENCE-PARALLEL": header}),
     st.one_of(prompt_body.map(lambda b: json.dumps(b).encode()), other_body.map(lambda b: json.dumps(b).encode()),
               preload_body.map(lambda b: json.dumps(b).encode()), raw_body),
     st.none() | st.sampled_from(["1", "0", "true", "x", "%00"]))

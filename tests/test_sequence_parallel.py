@@ -165,3 +165,45 @@ def test_a_prompt_pinned_to_one_gpu_falls_back_and_says_why(multi4):
     assert torch.equal(got, expected) and entry["gpu_id"] == 3 and "gpu_ids" not in entry
     assert "only 1 GPU leased" in entry["sequence_parallel"]["fallback"]
     assert "SequenceParallel(gpus=2): running on one GPU: only 1 GPU leased" in multi4.log()
+
+
+def test_the_header_runs_an_unchanged_workflow_on_several_gpus(multi4):
+    from helpers import workflows as wf
+    plain = wf.flux(1, seed=9)
+    del plain["2"]                                  # no SequenceParallel node: the stock graph
+    plain["5"]["inputs"]["model"] = ["1", 0]
+    expected, single = latent_of(multi4, plain)
+    assert "sequence_parallel" not in single
+    got, entry = latent_of(multi4, plain, headers={"X-SEQUENCE-PARALLEL": "3"})
+    assert max_rel_error(got, expected) < TOLERANCE
+    assert len(entry["gpu_ids"]) == 3 and entry["sequence_parallel"]["gpus"] == 3
+    auto, entry = latent_of(multi4, plain, headers={"X-SEQUENCE-PARALLEL": "auto"})
+    assert max_rel_error(auto, expected) < TOLERANCE and len(entry["gpu_ids"]) == 4
+
+
+@pytest.mark.parametrize("value", ["0", "9", "two", "1.5", ""])
+def test_a_bad_header_value_is_a_400_naming_the_valid_ones(multi4, value):
+    from helpers import workflows as wf
+    from helpers.comfy_server import HttpError
+    with pytest.raises(HttpError) as refused:
+        multi4.submit(wf.flux(1), headers={"X-SEQUENCE-PARALLEL": value})
+    body = refused.value.json()["error"]
+    assert refused.value.status == 400 and body["type"] == "invalid_sequence_parallel"
+    assert body["extra_info"]["valid"] == [str(n) for n in range(1, 9)] + ["auto"]
+
+
+def test_the_drop_in_nodes_replace_the_stock_ones(multi4):
+    from helpers import workflows as wf
+    expected, _ = latent_of(multi4, wf.flux(1, seed=11))
+    swapped = wf.flux(1, seed=11)
+    del swapped["2"]
+    swapped["1"] = {"class_type": "XDiTUNetLoader", "inputs": {"unet_name": wf.FLUX, "weight_dtype": "default",
+                                                               "gpus": 2, "strategy": "round_robin"}}
+    swapped["5"]["class_type"] = "XDiTKSampler"
+    swapped["5"]["inputs"].update(model=["1", 0], gpus=2, strategy="round_robin")
+    got, entry = latent_of(multi4, swapped)
+    assert max_rel_error(got, expected) < TOLERANCE and len(entry["gpu_ids"]) == 2
+    info = multi4.get("/object_info/XDiTKSampler")["XDiTKSampler"]
+    stock = multi4.get("/object_info/KSampler")["KSampler"]
+    assert info["output"] == stock["output"]
+    assert set(info["input"]["required"]) == set(stock["input"]["required"]) | {"gpus", "strategy"}

@@ -1,5 +1,5 @@
-"""Reading a request's routing scope: X-TARGET-GPU (every route), and for POST /prompt X-GPU-POOL and
-X-PRIORITY, checked before the body is read. Pure over the request's headers and the pool's state.
+"""Reading a request's routing scope: X-TARGET-GPU (every route), and for POST /prompt X-GPU-POOL,
+X-PRIORITY and X-SEQUENCE-PARALLEL, checked before the body is read. Pure over the request's headers and the pool's state.
 Host objects touched: none.
 """
 from __future__ import annotations
@@ -19,9 +19,11 @@ def route_path(request: web.Request) -> str:
 def prompt_headers(request: web.Request, pools) -> dict:
     """X-GPU-POOL and X-PRIORITY of a POST /prompt, checked now so that a bad one is refused before
     the body is read; raises routing.RequestError."""
-    headers = {name: request.headers.get(name) for name in (routing.POOL_HEADER, routing.PRIORITY_HEADER)}
+    names = (routing.POOL_HEADER, routing.PRIORITY_HEADER, routing.SEQUENCE_PARALLEL_HEADER)
+    headers = {name: request.headers.get(name) for name in names}
     routing.parse_pool(headers[routing.POOL_HEADER], routing.POOL_HEADER, pools)
     routing.parse_priority(headers[routing.PRIORITY_HEADER], routing.PRIORITY_HEADER)
+    routing.parse_sequence_parallel(headers[routing.SEQUENCE_PARALLEL_HEADER])
     return headers
 
 

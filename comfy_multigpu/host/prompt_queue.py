@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-from ..policy import placement, routing
+from ..policy import placement, routing, sequence_split
 from ..runtime.context import current_request, request_target
 from ..runtime.pool import WorkerPool
 from ..runtime.prompt import QueuedPrompt
@@ -39,6 +39,7 @@ class MultiQueue:
                                 scope.headers if scope is not None else {}, item[3],
                                 self.scheduler.pools, self.scheduler.default_pool)
         body = scope.body if scope is not None else {}
+        item = self._with_sequence_parallel(item, scope, where)
         number = item[0] if "number" in body else self.scheduler.stock_number(item[0], bool(body.get("front")))
         number = placement.queue_number(number, where.priority)
         prompt = QueuedPrompt.from_stock((number,) + tuple(item[1:]), target=where.target, pool=where.pool,
@@ -47,6 +48,17 @@ class MultiQueue:
         if scope is not None:
             scope.placed_gpu, scope.placed_pool, scope.placed_number = gpu, where.pool, number
         return gpu
+
+    def _with_sequence_parallel(self, item: tuple, scope, where) -> tuple:
+        """X-SEQUENCE-PARALLEL: N (or auto: every GPU of the prompt's pool that is up) GPUs per image."""
+        raw = scope.headers.get(routing.SEQUENCE_PARALLEL_HEADER) if scope is not None else None
+        gpus = routing.parse_sequence_parallel(raw)
+        if gpus is None:
+            return item
+        if gpus == "auto":
+            members = where.eligible if where.eligible is not None else range(len(self.pool.workers))
+            gpus = max(1, sum(1 for g in members if not self.pool.workers[g].down))
+        return (item[0], item[1], sequence_split.with_sequence_parallel(item[2], gpus)) + tuple(item[3:])
 
     # ---- views -----------------------------------------------------------------------------
     def get_current_queue(self):

@@ -10,6 +10,8 @@ from .placement import PRIORITIES
 HEADER = "X-TARGET-GPU"
 POOL_HEADER = "X-GPU-POOL"
 PRIORITY_HEADER = "X-PRIORITY"
+SEQUENCE_PARALLEL_HEADER = "X-SEQUENCE-PARALLEL"
+SEQUENCE_PARALLEL_VALUES = [str(n) for n in range(1, 9)] + ["auto"]
 POOL_KEY = "gpu_pool"          # extra_data keys with the same meaning as the headers
 PRIORITY_KEY = "priority"
 AUTO = "auto"
@@ -94,6 +96,17 @@ def parse_priority(raw: Any, source: str) -> Optional[str]:
     if not isinstance(raw, str) or raw.strip().lower() not in PRIORITIES:
         raise RequestError(source, raw, list(PRIORITIES), "is not a priority", "invalid_priority")
     return raw.strip().lower()
+
+
+def parse_sequence_parallel(raw: Any, source: str = SEQUENCE_PARALLEL_HEADER):
+    """1-8 GPUs per image, or "auto" (every GPU of the pool); None when absent."""
+    if raw is None:
+        return None
+    text = raw.strip().lower() if isinstance(raw, str) else raw
+    if text not in SEQUENCE_PARALLEL_VALUES:
+        raise RequestError(source, raw, SEQUENCE_PARALLEL_VALUES, "is not a number of GPUs per image",
+                           "invalid_sequence_parallel")
+    return text if text == "auto" else int(text)
 
 
 @dataclass(frozen=True)

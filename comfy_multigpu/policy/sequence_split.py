@@ -56,6 +56,62 @@ def requested_ranks(prompt) -> int:
     return wanted
 
 
+STRATEGIES = ("least_loaded", "round_robin", "weighted_round_robin", "adaptive")
+
+
+def requested_strategy(prompt) -> str:
+    """The `strategy` input of the prompt's first sequence-parallel node that has one (the seed's
+    XDiT nodes), else least_loaded."""
+    for node in (prompt or {}).values() if isinstance(prompt, dict) else ():
+        if isinstance(node, dict) and node.get("class_type") in SEQUENCE_PARALLEL_NODES:
+            value = (node.get("inputs") or {}).get("strategy")
+            if value in STRATEGIES:
+                return value
+    return STRATEGIES[0]
+
+
+def order_gang(strategy: str, candidates: list, workers: int, turn: int) -> list[int]:
+    """The other free GPUs a gang lease prefers, best first. `candidates`: placement.WorkerLoad of each
+    free GPU of the pool but rank 0's; `turn` counts the gang leases granted so far.
+    least_loaded: fewest prompts waiting for it; round_robin: the next GPUs after the last lease's;
+    weighted_round_robin: faster GPUs first (COMFY_MULTIGPU_GPU_WEIGHTS), then round robin; adaptive:
+    most free device memory first (where known), then least loaded."""
+    def rotation(w):
+        return (w.gpu_id - turn) % max(1, workers)
+    keys = {"least_loaded": lambda w: (w.pending, w.gpu_id),
+            "round_robin": lambda w: (rotation(w),),
+            "weighted_round_robin": lambda w: (-w.weight, rotation(w)),
+            "adaptive": lambda w: (-(w.free_memory or 0), w.pending, w.gpu_id)}
+    return [w.gpu_id for w in sorted(candidates, key=keys.get(strategy, keys["least_loaded"]))]
+
+
+# Loaders whose output 0 is the MODEL a sampler takes: where X-SEQUENCE-PARALLEL inserts the node.
+MODEL_LOADERS = ("UNETLoader", "CheckpointLoaderSimple", "CheckpointLoader", "UnetLoaderGGUF")
+
+
+def with_sequence_parallel(prompt: dict, gpus: int) -> dict:
+    """X-SEQUENCE-PARALLEL on an unchanged workflow: a SequenceParallel(gpus) node after each model
+    loader, its consumers rewired to it (a copy; the caller's dict is untouched). Explicit
+    sequence-parallel nodes already in the graph stay as they are (the header adds nothing then)."""
+    if requested_ranks(prompt) > 1 or gpus < 2:
+        return prompt
+    out = {node_id: dict(node, inputs=dict(node.get("inputs") or {})) for node_id, node in prompt.items()}
+    added = {}
+    for node_id, node in prompt.items():
+        if isinstance(node, dict) and node.get("class_type") in MODEL_LOADERS:
+            new_id = f"{node_id}.sequence_parallel"
+            added[node_id] = new_id
+            out[new_id] = {"class_type": "SequenceParallel", "inputs": {"model": [node_id, 0], "gpus": gpus},
+                           "_meta": {"title": f"Sequence Parallel (X-SEQUENCE-PARALLEL: {gpus})"}}
+    for node_id, node in out.items():
+        if node_id in added.values():
+            continue
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in added and value[1] == 0:
+                node["inputs"][name] = [added[value[0]], 0]
+    return out
+
+
 def fallback_reason(*, ranks: int, heads: int, tokens: int, text_tokens: int = 1 << 30, attention_mask: bool = False,
                     control: bool = False, timestep_zero: bool = False, foreign_override: bool = False,
                     foreign_last_block: bool = False, single_blocks: int = 1) -> str | None:

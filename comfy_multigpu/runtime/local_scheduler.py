@@ -42,6 +42,7 @@ class LocalScheduler(Scheduler):
         self.pools: dict = dict(pools or {"all": tuple(range(len(self._members)))})
         self.default_pool: Optional[str] = "default" if "default" in self.pools else None
         self.max_overtakes = max_overtakes
+        self._gang_turn = 0                     # gang leases granted (round-robin strategies)
         self.limits = limits
         self.journal = journal                 # runtime.journal.Journal or None
         self.on_change = on_change             # called outside the lock after every change
@@ -170,7 +171,8 @@ class LocalScheduler(Scheduler):
             if chosen is None:
                 return None
             prompt = self._waiting[chosen.prompt_id][1]
-            gpus = gang_gpus(gpu_id, prompt, [self._is_free(g) for g in range(len(self._slots))])
+            gpus = gang_gpus(gpu_id, prompt, [self._is_free(g) for g in range(len(self._slots))],
+                             self._loads(), self._gang_turn)
             if gpus is not None:
                 break
             waiting = [w for w in waiting if w is not chosen]     # not enough idle GPUs yet
@@ -180,6 +182,7 @@ class LocalScheduler(Scheduler):
         if chosen.owner != gpu_id:
             logger.info("[GPU %s] Took over prompt %s waiting behind GPU %s", gpu_id, prompt.prompt_id,
                         chosen.owner)
+        self._gang_turn += len(gpus) > 1
         return self._grant(prompt, gpus)
 
     def lease_workers(self, prompt: QueuedPrompt, gpu_ids: Sequence[int]) -> Optional[Lease]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 from ..policy.placement import prompt_models
-from ..policy.sequence_split import requested_ranks
+from ..policy.sequence_split import requested_ranks, requested_strategy
 
 
 class ExecutionStatus(NamedTuple):
@@ -53,6 +53,7 @@ class QueuedPrompt:
     priority: Optional[str] = None      # "high" | "normal" | "low" | None (stock order)
     models: frozenset = frozenset()     # "input:file" keys of the model files it loads
     gang: int = 1                       # GPUs it needs at once (a lease of that many workers)
+    strategy: str = "least_loaded"      # how the gang's other GPUs are chosen (sequence_split.order_gang)
 
     @classmethod
     def from_stock(cls, item: tuple, **route) -> "QueuedPrompt":
@@ -61,6 +62,7 @@ class QueuedPrompt:
         sensitive = item[5] if len(item) > 5 else {}
         if "gang" not in route:
             route["gang"] = requested_ranks(prompt)
+        route.setdefault("strategy", requested_strategy(prompt))
         return cls(number, prompt_id, prompt, extra_data, outputs, sensitive or {},
                    models=route.pop("models", None) or prompt_models(prompt), **route)
 

@@ -11,6 +11,7 @@ import itertools
 from typing import Iterable, Optional
 
 from ..policy import placement
+from ..policy.sequence_split import order_gang
 from .prompt import QueuedPrompt
 
 
@@ -87,13 +88,18 @@ def fit_gang(prompt: QueuedPrompt, workers: int) -> QueuedPrompt:
     return prompt if gang == prompt.gang else dataclasses.replace(prompt, gang=gang)
 
 
-def gang_gpus(gpu_id: int, prompt: QueuedPrompt, free: list) -> Optional[tuple]:
+def gang_gpus(gpu_id: int, prompt: QueuedPrompt, free: list, loads: Optional[list] = None,
+              turn: int = 0) -> Optional[tuple]:
     """The GPUs a lease of `prompt` started by `gpu_id` takes: itself, plus gang-1 other free GPUs of
-    its pool (lowest index first; `free[g]` says whether GPU g is free); None if too few are free now."""
+    its pool in the order its strategy prefers (sequence_split.order_gang; `loads`: placement.WorkerLoad
+    per GPU; without them, lowest index first); `free[g]` says whether GPU g is free. None if too few
+    are free now."""
     if prompt.gang <= 1:
         return (gpu_id,)
     others = [g for g, is_free in enumerate(free) if g != gpu_id and is_free
               and (prompt.eligible is None or g in prompt.eligible)]
     if len(others) < prompt.gang - 1:
         return None
+    if loads is not None:
+        others = order_gang(prompt.strategy, [loads[g] for g in others], len(free), turn)
     return (gpu_id,) + tuple(others[:prompt.gang - 1])

@@ -174,11 +174,14 @@ class ComfyServer:
         return self.request("POST", path, body=body, headers=headers, **kw)
 
     # ---- prompts ---------------------------------------------------------------------------
-    def submit(self, prompt: dict, gpu=None, client_id: Optional[str] = None, **extra) -> dict:
+    def submit(self, prompt: dict, gpu=None, client_id: Optional[str] = None, headers: Optional[dict] = None,
+               **extra) -> dict:
         body = {"prompt": prompt, **extra}
         if client_id is not None:
             body["client_id"] = client_id
-        headers = {} if gpu is None else {"X-TARGET-GPU": str(gpu)}
+        headers = dict(headers or {})
+        if gpu is not None:
+            headers["X-TARGET-GPU"] = str(gpu)
         return self.post("/prompt", body, headers=headers)
 
     def wait(self, prompt_ids, timeout: float = 120.0) -> dict:
