@@ -8,6 +8,7 @@ import uuid
 
 from PIL import Image
 
+from comfy_multigpu.host import sp_nodes, xdit_nodes
 from helpers import workflows as wf
 from helpers import ws
 from helpers.comfy_server import HttpError
@@ -51,7 +52,9 @@ def scripted_client(server) -> list:
     stats = server.get("/system_stats")
     t.append(("system_stats", shape(stats["system"]), shape(stats["devices"]), len(stats["devices"])))
     info = server.get("/object_info")
-    t.append(("object_info", len(info), "KSampler" in info, shape(info["SaveImage"])))
+    # the extension's own nodes (SequenceParallel, the XDiT drop-ins) are added, as any node pack's are
+    ours = set(sp_nodes.NODE_CLASS_MAPPINGS) | set(xdit_nodes.NODE_CLASS_MAPPINGS)
+    t.append(("object_info", len(set(info) - ours), "KSampler" in info, shape(info["SaveImage"])))
     t.append(("object_info/KSampler", server.get("/object_info/KSampler")))
     t.append(("features", shape(server.get("/features"))))
     t.append(("models", server.get("/models/checkpoints")))
