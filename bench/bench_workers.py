@@ -60,11 +60,17 @@ def others() -> list[str]:
     return [line for line in found.splitlines() if int(line.split()[0]) not in mine]
 
 
+WAITED: list[float] = []   # seconds spent in wait_quiet, for the run time this script reports
+
+
 def wait_quiet() -> None:
     """Until no other ComfyUI server or pytest run uses this machine's 2 cores (polled every 30 s)."""
-    while found := others():
-        print("waiting for other runs to end:\n" + "\n".join(found), file=sys.stderr)
+    started = time.monotonic()
+    if found := others():
+        print(f"waiting for {len(found)} other process(es) to end, e.g. {found[0][:160]}", file=sys.stderr)
+    while others():
         time.sleep(30)
+    WAITED.append(time.monotonic() - started)
 
 
 def repeated(repeat: int, one) -> list:
@@ -113,14 +119,12 @@ class Setup:
 
     def __init__(self, mode: str, n: int, base: str, fixtures_dir=None, args: tuple = ()):
         self.mode, self.n = mode, n
-        kw = dict(extra_nodes=(BENCH_NODES,), fixtures=fixtures_dir, args=args)
-        if mode == "stock":
-            self.servers = [ComfyServer(comfyui_dir(), Path(tempfile.mkdtemp(prefix=f"stock{n}-{i}-", dir=base)),
-                                        workers=None, env={"COMFY_MULTI_GPU_SCHED": "0"}, **kw) for i in range(n)]
-        else:
-            env = {"COMFY_MULTI_GPU_SCHED": "1", "COMFY_MULTIGPU_WORKER_MODE": mode}
-            self.servers = [ComfyServer(comfyui_dir(), Path(tempfile.mkdtemp(prefix=f"{mode}{n}-", dir=base)),
-                                        workers=n, env=env, **kw)]
+        stock = mode == "stock"
+        env = {"COMFY_MULTI_GPU_SCHED": "0"} if stock else {"COMFY_MULTI_GPU_SCHED": "1",
+                                                             "COMFY_MULTIGPU_WORKER_MODE": mode}
+        self.servers = [ComfyServer(comfyui_dir(), Path(tempfile.mkdtemp(prefix=f"{mode}{n}-", dir=base)),
+                                    workers=None if stock else n, env=env, extra_nodes=(BENCH_NODES,),
+                                    fixtures=fixtures_dir, args=args) for _ in range(n if stock else 1)]
 
     def workers(self) -> list:
         """(server, X-TARGET-GPU) for each worker."""
@@ -141,9 +145,8 @@ def start_all(servers) -> None:
 
 
 def stop_all(setups) -> None:
-    for setup in setups:
-        for s in setup.servers:
-            s.stop()
+    for server in (s for setup in setups for s in setup.servers):
+        server.stop()
 
 
 def forward(key: str, forwards: int, value: int = 0) -> dict:
@@ -182,15 +185,14 @@ async def noop_latency(servers: dict, rounds: int) -> dict:
             for name, server in servers.items():
                 cid, ws = links[name]
                 t = time.perf_counter()
-                async with session.post(f"{server.url}/prompt", json={"prompt": wf.sleep(0.0, i), "client_id": cid}) as r:
-                    pid = (await r.json())["prompt_id"]
+                body = {"prompt": wf.sleep(0.0, i), "client_id": cid}
+                async with session.post(f"{server.url}/prompt", json=body) as answer:
+                    pid = (await answer.json())["prompt_id"]
                 while True:
                     msg = await asyncio.wait_for(ws.receive(), 60)
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    event = msg.json()
-                    data = event.get("data") or {}
-                    if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == pid:
+                    event = msg.json() if msg.type == aiohttp.WSMsgType.TEXT else {}
+                    if event.get("type") == "executing" and event["data"].get("node") is None \
+                            and event["data"].get("prompt_id") == pid:
                         break
                 if i >= 2:
                     out[name].append(time.perf_counter() - t)
@@ -199,30 +201,39 @@ async def noop_latency(servers: dict, rounds: int) -> dict:
     return out
 
 
-def tree_pss(pid: int) -> tuple[int, int, int]:
-    """(PSS of the process, PSS of all its descendants, how many descendants), bytes."""
-    def pss(p: int) -> int:
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        return 0
-    children = psutil.Process(pid).children(recursive=True)
-    return pss(pid), sum(pss(c.pid) for c in children), len(children)
+def pss(pid: int) -> tuple[int, int]:
+    """(Pss, Pss_Shmem) of one process from /proc/<pid>/smaps_rollup, bytes; (0, 0) once it is gone."""
+    try:
+        rows = [line.split() for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()]
+    except (FileNotFoundError, ProcessLookupError):
+        return 0, 0
+    fields = {row[0]: int(row[1]) * 1024 for row in rows if row[0] in ("Pss:", "Pss_Shmem:")}
+    return fields.get("Pss:", 0), fields.get("Pss_Shmem:", 0)
 
 
-def settled_pss(servers) -> tuple[int, int, int]:
-    """The smallest of 8 samples, 1 s apart, once idle (the housekeeping pass runs after a prompt)."""
+def footprint(servers) -> dict:
+    """PSS of the servers' main processes, of all their descendants (and how many), and the part of
+    both that is shared memory (the process workers' weight segments in /dev/shm)."""
+    out = dict(main=0, children=0, count=0, shmem=0)
+    for server in servers:
+        main = pss(server.proc.pid)
+        kids = [pss(c.pid) for c in psutil.Process(server.proc.pid).children(recursive=True)]
+        out["main"] += main[0]
+        out["children"] += sum(k[0] for k in kids)
+        out["count"] += len(kids)
+        out["shmem"] += main[1] + sum(k[1] for k in kids)
+    return out
+
+
+def settled(servers) -> dict:
+    """The smallest footprint of 8 samples 1 s apart, once idle (housekeeping runs after a prompt)."""
     for s in servers:
         s.wait_idle(600)
     samples = []
     for _ in range(8):
-        parts = [tree_pss(s.proc.pid) for s in servers]
-        samples.append(tuple(sum(p[i] for p in parts) for i in range(3)))
+        samples.append(footprint(servers))
         time.sleep(1.0)
-    return min(samples, key=lambda p: p[0] + p[1])
+    return min(samples, key=lambda f: f["main"] + f["children"])
 
 
 def memory(base: str) -> dict:
@@ -235,14 +246,15 @@ def memory(base: str) -> dict:
             if mode == "stock":           # one stock process alone first, then the other three
                 setup.servers[0].start(600)
                 run_prompts(setup.workers()[:1], [wf.txt2img(1, "bench")])
-                out[("stock", 1)] = (settled_pss(setup.servers[:1]), None)
+                out[("stock", 1)] = settled(setup.servers[:1])
                 start_all(setup.servers[1:])
                 run_prompts(setup.workers()[1:], [wf.txt2img(2 + i, "bench") for i in range(n - 1)])
             else:
                 start_all(setup.servers)
                 setup.run([wf.txt2img(1 + i, "bench") for i in range(n)], pinned=True)
-            shared = None if mode == "stock" else setup.servers[0].get("/multigpu/models")["ram_cache"]
-            out[(mode, n)] = (settled_pss(setup.servers), shared and shared["bytes"])
+            out[(mode, n)] = settled(setup.servers)
+            if mode != "stock":
+                out[(mode, n)]["cached"] = setup.servers[0].get("/multigpu/models")["ram_cache"]["bytes"]
         finally:
             stop_all([setup])
     return out
@@ -275,7 +287,6 @@ def measure(opts, base: str) -> dict:
                 forwards = res["forwards"].setdefault(key, max(1, round(MODEL_PROMPT_S * alone)))
                 rates = res["model"][(key, n)] = interleaved(setups, opts.repeat,
                                                               lambda setup: model_rate(setup, key, forwards))
-                rates["forwards"] = forwards
                 _progress(f"model {key} n={n} ({forwards} forwards/prompt)", rates)
             if "noop" in opts.parts and n == 2:
                 wait_quiet()
@@ -289,7 +300,7 @@ def measure(opts, base: str) -> dict:
 
 
 def _progress(label: str, values: dict) -> None:
-    medians = {m: round(statistics.median(v), 2) for m, v in values.items() if m in MODES}
+    medians = {m: round(statistics.median(v), 2) for m, v in values.items()}
     print(f"{time.strftime('%H:%M:%S')} {label}: {medians}", file=sys.stderr)
 
 
@@ -297,62 +308,76 @@ def _spread(values, digits: int = 1) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def _ratios(rates) -> str:
+def _row(first: str, rates: dict, digits: int) -> str:
+    """A table row: the setups' median (min-max), then process / thread and process / stock."""
     thread, proc, stock = (statistics.median(rates[m]) for m in MODES)
-    return f"{proc / thread:.2f} | {proc / stock:.2f}"
+    cells = " | ".join(_spread(rates[m], digits) for m in MODES)
+    return f"| {first} | {cells} | {proc / thread:.2f} | {proc / stock:.2f} |"
+
+
+HEAD = "thread mode | process mode | N stock processes | process / thread | process / stock |"
+
+
+def gil_table(res, opts) -> list[str]:
+    return ["", f"GIL-holding node: `MGSpin` ({opts.blocks} blocks, sized to {opts.seconds:g} s on one core; "
+            f"{res['spin_s']:.2f} s alone in a stock server), 4 x N prompts submitted at once per window, "
+            f"prompts/s until all are in history (this machine's ceiling: {os.cpu_count() / opts.seconds:g}/s):",
+            "", f"| workers | {HEAD}", "|---" * 6 + "|"] + [_row(str(n), r, 2) for n, r in res["gil"].items()]
+
+
+def model_table(res, opts) -> list[str]:
+    rows = sorted(res["model"].items(), key=lambda kv: (opts.models.index(kv[0][0]), kv[0][1]))
+    return ["", f"Real model code: `MGBenchForward`, {MODEL_PROMPTS_PER_WORKER} x N prompts per window, each "
+            f"about {MODEL_PROMPT_S:g} s of forwards on one core; aggregate forwards/s over the nodes' own "
+            "timestamps, the model built and warmed in every worker first:", "",
+            f"| model | workers | forwards/prompt | {HEAD}", "|---" * 8 + "|"] + \
+        [_row(f"{key} | {n} | {res['forwards'][key]}", r, 1) for (key, n), r in rows]
+
+
+def noop_table(res) -> list[str]:
+    ms = {m: sorted(v * 1000 for v in res["noop"][m]) for m in MODES[:2]}
+    p90 = {m: v[int(round(0.9 * (len(v) - 1)))] for m, v in ms.items()}
+    median = {m: statistics.median(v) for m, v in ms.items()}
+    return ["", f"Fixed cost of a no-op prompt (`MGSleep(0)`, 2 workers): {NOOP_ROUNDS} prompts per mode sent one "
+            "at a time, alternating, milliseconds from POST /prompt to its closing `executing` event:", "",
+            "| mode | median | p90 | min-max |", "|---|---|---|---|"] + \
+        [f"| {m} | {median[m]:.1f} | {p90[m]:.1f} | {ms[m][0]:.1f}-{ms[m][-1]:.1f} |" for m in ms] + \
+        ["", f"The hop to a child process adds {median['process'] - median['thread']:.1f} ms per prompt "
+         f"(median; {p90['process'] - p90['thread']:.1f} ms at p90)."]
+
+
+def memory_table(res) -> list[str]:
+    mem = res["memory"]
+    total = {key: (f["main"] + f["children"]) / MIB for key, f in mem.items()}
+    lines = ["", "Memory: PSS summed over the server's main process and all its descendants after every worker "
+             "ran `txt2img` on the tiny checkpoint (settled; each setup measured alone), MiB:", "",
+             "| setup | PSS, total | main process | child processes | of the total, shared memory (`Pss_Shmem`) "
+             "| checkpoint in the RAM cache (`ram_cache.bytes`) |", "|---" * 6 + "|"]
+    for (mode, n), f in mem.items():
+        label = f"{mode} mode, {n} worker{'s' * (n > 1)}" if mode != "stock" else \
+            f"{n} stock process{'es (sum)' * (n > 1)}"
+        cached = f"{f['cached'] / MIB:.0f}" if "cached" in f else "-"
+        lines.append(f"| {label} | {total[(mode, n)]:.0f} | {f['main'] / MIB:.0f} | {f['children'] / MIB:.0f} "
+                     f"({f['count']}) | {f['shmem'] / MIB:.0f} | {cached} |")
+    grow = {m: total[(m, 4)] - total[(m, 1)] for m in MODES}
+    return lines + ["", f"From 1 to 4 workers: thread mode +{grow['thread']:.0f} MiB, process mode "
+                    f"+{grow['process']:.0f} MiB ({grow['process'] / 3:.0f} per extra child), stock "
+                    f"+{grow['stock']:.0f} MiB ({grow['stock'] / 3:.0f} per extra process). With 4 workers, "
+                    f"process / thread {total[('process', 4)] / total[('thread', 4)]:.2f}, process / stock "
+                    f"{total[('process', 4)] / total[('stock', 4)]:.2f}."]
 
 
 def report(res, opts, command: str) -> str:
     lines = [f"Run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}), Python "
              f"{platform.python_version()}, torch {importlib.metadata.version('torch')} (CPU, `--cpu`), command "
              f"`{command}`: {opts.repeat} repetitions interleaved (thread, process, stock for each worker count), "
-             f"median (min-max). Stock: N ComfyUI processes (`COMFY_MULTI_GPU_SCHED=0`) fed round-robin."]
-    if res["gil"]:
-        lines += ["", f"GIL-holding node: `MGSpin` ({opts.blocks} blocks, sized to {opts.seconds:g} s on one core; "
-                  f"{res['spin_s']:.2f} s alone in a stock server), 4 x N "
-                  "prompts submitted at once per window, prompts/s until all are in history "
-                  f"(this machine's ceiling: {os.cpu_count() / opts.seconds:g}/s):", "",
-                  "| workers | thread mode | process mode | N stock processes | process / thread | process / stock |",
-                  "|---|---|---|---|---|---|"]
-        for n, rates in res["gil"].items():
-            lines.append(f"| {n} | " + " | ".join(_spread(rates[m], 2) for m in MODES) + f" | {_ratios(rates)} |")
-    if res["model"]:
-        lines += ["", f"Real model code: `MGBenchForward` ({MODEL_PROMPTS_PER_WORKER} x N prompts per window, each "
-                  f"about {MODEL_PROMPT_S:g} s of forwards on one core), aggregate forwards/s over the nodes' own "
-                  "timestamps, models built and warmed in every worker first:", "",
-                  "| model | workers | forwards/prompt | thread mode | process mode | N stock processes | "
-                  "process / thread | process / stock |", "|---|---|---|---|---|---|---|---|"]
-        for (key, n), rates in sorted(res["model"].items(), key=lambda kv: (opts.models.index(kv[0][0]), kv[0][1])):
-            lines.append(f"| {key} | {n} | {rates['forwards']} | " + " | ".join(_spread(rates[m]) for m in MODES)
-                         + f" | {_ratios(rates)} |")
-    if res["noop"]:
-        ms = {m: sorted(v * 1000 for v in res["noop"][m]) for m in ("thread", "process")}
-        p90 = {m: v[int(round(0.9 * (len(v) - 1)))] for m, v in ms.items()}
-        hop = statistics.median(ms["process"]) - statistics.median(ms["thread"])
-        lines += ["", f"Fixed cost of a no-op prompt (`MGSleep(0)`, 2 workers): {NOOP_ROUNDS} prompts per mode sent "
-                  "one at a time, alternating, milliseconds from POST /prompt to its closing `executing` event:", "",
-                  "| mode | median | p90 | min-max |", "|---|---|---|---|"]
-        for m in ("thread", "process"):
-            lines.append(f"| {m} | {statistics.median(ms[m]):.1f} | {p90[m]:.1f} | {ms[m][0]:.1f}-{ms[m][-1]:.1f} |")
-        lines += ["", f"The hop to a child process adds {hop:.1f} ms per prompt (median; "
-                  f"{p90['process'] - p90['thread']:.1f} ms at p90)."]
-    if res["memory"]:
-        mem = res["memory"]
-        lines += ["", "Memory: PSS summed over the server's main process and all its descendants after every "
-                  "worker ran `txt2img` on the tiny checkpoint (settled; each setup measured alone), MiB:", "",
-                  "| setup | workers | PSS, total | main process | child processes | shared checkpoint "
-                  "(`ram_cache.bytes`) |", "|---|---|---|---|---|---|"]
-        for (mode, n), ((main_pss, kids, count), shared) in mem.items():
-            label = f"{n} stock process{'es' if n > 1 else ''} (sum)" if mode == "stock" else f"{mode} mode"
-            lines.append(f"| {label} | {n} | {(main_pss + kids) / MIB:.0f} | {main_pss / MIB:.0f} | "
-                         f"{kids / MIB:.0f} ({count}) | {'-' if shared is None else f'{shared / MIB:.0f} MiB'} |")
-        total = {k: (v[0][0] + v[0][1]) / MIB for k, v in mem.items()}
-        lines += ["", f"4 workers over 1: thread mode +{total[('thread', 4)] - total[('thread', 1)]:.0f} MiB, "
-                  f"process mode +{total[('process', 4)] - total[('process', 1)]:.0f} MiB "
-                  f"({(total[('process', 4)] - total[('process', 1)]) / 3:.0f} MiB per extra child), 4 stock "
-                  f"processes +{total[('stock', 4)] - total[('stock', 1)]:.0f} MiB. Process / thread (4 workers): "
-                  f"{total[('process', 4)] / total[('thread', 4)]:.2f}; process / stock (4): "
-                  f"{total[('process', 4)] / total[('stock', 4)]:.2f}."]
+             "median (min-max). Stock: N ComfyUI processes (`COMFY_MULTI_GPU_SCHED=0`) fed round-robin."]
+    for part, table in (("gil", gil_table), ("model", model_table)):
+        if res[part]:
+            lines += table(res, opts)
+    for part, table in (("noop", noop_table), ("memory", memory_table)):
+        if res[part]:
+            lines += table(res)
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +399,8 @@ def main() -> None:
         res = measure(opts, base)
     text = report(res, opts, command.strip())
     print(text)
-    print(f"total {time.monotonic() - started:.0f} s", file=sys.stderr)
+    print(f"total {time.monotonic() - started:.0f} s, of which {sum(WAITED):.0f} s waiting for other runs",
+          file=sys.stderr)
     if opts.write:
         write_section("workers", text)
 

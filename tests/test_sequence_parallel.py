@@ -207,3 +207,78 @@ def test_the_drop_in_nodes_replace_the_stock_ones(multi4):
     stock = multi4.get("/object_info/KSampler")["KSampler"]
     assert info["output"] == stock["output"]
     assert set(info["input"]["required"]) == set(stock["input"]["required"]) | {"gpus", "strategy"}
+
+
+# ---- Wan 2.x (host/sp_wan.py): ComfyUI's WanModel, text to video, at small width -----------------------
+
+@pytest.fixture(scope="module")
+def wan(flux):                                     # flux: ComfyUI already importable
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    torch.manual_seed(0)
+    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=64, ffn_dim=128, freq_dim=256,
+                     text_dim=64, out_dim=16, num_heads=4, num_layers=3, qk_norm=True, cross_attn_norm=True,
+                     eps=1e-6, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else torch.randn(p.shape) * 0.02)
+            if "norm" in name:
+                p.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
+def wan_inputs(frames=2, height=10, width=6, tokens=7, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(1, 16, frames, height, width, generator=g), timestep=torch.tensor([600.0]),
+                context=torch.randn(1, tokens, 64, generator=g))
+
+
+def wan_ranks(model, args, n):
+    from comfy_multigpu.host.sp_wan import parallel_forward_wan
+    with torch.no_grad():
+        return parallel_forward_wan([model] * n, ["cpu"] * n, args["x"], args["timestep"], args["context"],
+                                    transformer_options={})
+
+
+@pytest.mark.parametrize("n, tokens", [(2, 7), (3, 7), (4, 7), (2, 15)])
+def test_wan_on_n_ranks_gives_the_output_of_one(wan, n, tokens):
+    # 2 x 5 x 3 = 30 video tokens: uneven over 4; 15 text tokens = an even half: the split moves a token
+    # so that cross-attention (15 keys) is never mistaken for self-attention
+    args = wan_inputs(tokens=tokens)
+    with torch.no_grad():
+        expected = wan._forward(args["x"], args["timestep"], args["context"], transformer_options={})
+    got = wan_ranks(wan, args, n)
+    assert got.shape == expected.shape
+    assert max_rel_error(got, expected) < TOLERANCE
+
+
+def test_wan_with_local_only_self_attention_fails_the_check(wan, monkeypatch):
+    from comfy_multigpu.host import sp_flux
+
+    def local_only(self, func, q, k, v, heads, *args, **kwargs):
+        return func(q, k, v, heads, *args, **kwargs)
+    monkeypatch.setattr(sp_flux._Rank, "attention", local_only)
+    args = wan_inputs()
+    with torch.no_grad():
+        expected = wan._forward(args["x"], args["timestep"], args["context"], transformer_options={})
+    assert max_rel_error(wan_ranks(wan, args, 2), expected) > 100 * TOLERANCE
+
+
+def test_wan_fallbacks(wan):
+    from comfy_multigpu.host.sp_wan import wan_fallback
+    args = wan_inputs()
+    assert wan_fallback(wan, args["x"], args["timestep"], args["context"], {}, 2) is None
+    assert "per-frame timesteps" in wan_fallback(wan, args["x"], torch.ones(1, 3), args["context"], {}, 2)
+    assert "4 attention heads, fewer than 5" in wan_fallback(wan, args["x"], args["timestep"], args["context"], {}, 5)
+    assert "extra latents" in wan_fallback(wan, args["x"], args["timestep"], args["context"], {}, 2,
+                                           reference_latent=torch.zeros(1))
+
+
+def test_a_wan_video_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
+    from helpers import workflows as wf
+    expected, single = latent_of(multi4, wf.wan(1))
+    assert len(single["outputs"]["9"]["shape"]) == 5                  # a video latent
+    for n in (2, 4):
+        got, entry = latent_of(multi4, wf.wan(n))
+        assert max_rel_error(got, expected) < TOLERANCE, n
+        assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None

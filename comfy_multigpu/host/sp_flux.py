@@ -59,15 +59,31 @@ class _Rank:
         return {"img": img[:, i0:i1], "txt": txt[:, t0:t1], "img_ids": args["img_ids"][:, i0:i1],
                 "txt_ids": args["txt_ids"][:, t0:t1], "transformer_options": args["transformer_options"]}
 
+    def lengths(self) -> list[int]:
+        return [r.length for r in self.ranges]
+
     def attention(self, func, q, k, v, heads, *args, **kwargs):
-        """Ulysses: all tokens for this rank's head group, the host's attention, the result sent back."""
+        """Ulysses: all tokens for this rank's head group, the host's attention, the result sent back.
+        q, k, v come as (B, H, L, D) (skip_reshape, FLUX) or (B, L, H*D) (Wan). Attention whose keys
+        are not this rank's tokens (Wan's cross-attention to the text) needs no exchange: the split
+        never gives a rank as many tokens as the context has, so the lengths tell them apart."""
+        lengths = self.lengths()
+        split = kwargs.get("skip_reshape", False)
+        length = q.shape[2] if split else q.shape[1]
+        if (k.shape[2] if split else k.shape[1]) != length:
+            return func(q, k, v, heads, *args, **kwargs)
+        if not split:                                                 # (B, L, H*D) -> (B, H, L, D)
+            q, k, v = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         groups = head_groups(q.shape[1], self.group.size)
         qkv = torch.stack((q, k, v))                                  # (3, B, H, L_rank, D)
         received = self.group.all_to_all(self.rank, [qkv[:, :, a:b] for a, b in groups])
         full = torch.cat(received, dim=3)                             # (3, B, H_mine, L, D)
         a, b = groups[self.rank]
-        out = func(full[0], full[1], full[2], b - a, *args, **kwargs)
-        lengths = [r.length for r in self.ranges]
+        if split:
+            out = func(full[0], full[1], full[2], b - a, *args, **kwargs)
+        else:
+            mine = [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in full]
+            out = func(mine[0], mine[1], mine[2], b - a, *args, **kwargs)
         if kwargs.get("skip_output_reshape"):                         # (B, H_mine, L, D)
             back = self.group.all_to_all(self.rank, list(out.split(lengths, dim=2)))
             return torch.cat(back, dim=1)

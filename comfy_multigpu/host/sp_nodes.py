@@ -1,5 +1,6 @@
-"""The SequenceParallel node (issue 17): a model patch that runs each FLUX denoiser forward on the GPUs
-the prompt leased (host/sp_flux.py), or on one GPU with the reason logged and kept in history.
+"""The SequenceParallel node (issue 17): a model patch that runs each FLUX or Wan denoiser forward on the
+GPUs the prompt leased (host/sp_flux.py, host/sp_wan.py), or on one GPU with the reason logged and kept
+in history.
 
 A prompt holding this node asks the scheduler for `gpus` workers at once (QueuedPrompt.gang, read from
 the graph by policy/sequence_split.requested_ranks); its rank 0 runs the executor, the others lend their
@@ -18,6 +19,8 @@ from typing import Any, Optional
 
 from ..policy.sequence_split import MAX_RANKS, fallback_reason
 from ..runtime.context import current_worker
+from .sp_flux import flux_fallback, parallel_forward
+from .sp_wan import parallel_forward_wan, wan_fallback
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -34,27 +37,35 @@ class SequenceParallelWrapper:
 
     def __call__(self, executor, *args, **kwargs):
         from comfy.ldm.flux.model import Flux
-        from .sp_flux import flux_fallback, parallel_forward
+        from comfy.ldm.wan.model import WanModel
         model = executor.class_obj
         workers = self._leased_workers()
         ranks = min(self.gpus, len(workers))
-        if not isinstance(model, Flux):
-            reason = f"{type(model).__name__} is not a supported model (FLUX.1)"
+        family = "flux" if isinstance(model, Flux) else "wan" if isinstance(model, WanModel) else None
+        extra = dict(kwargs)
+        if family is None:
+            reason = f"{type(model).__name__} is not a supported model (FLUX.1, Wan 2.x)"
         elif ranks < 2:
             reason = self._why_one(workers)
-        else:
-            extra = dict(kwargs)
-            x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra)
+        elif family == "flux":
+            x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra, FLUX_ARGS)
             reason = flux_fallback(model, x, context, options, ranks, control=control, ref_latents=ref_latents,
                                    **extra)
+        else:
+            x, timestep, context, clip_fea, time_dim_concat, options = _positional(args, extra, WAN_ARGS)
+            reason = wan_fallback(model, x, timestep, context, options, ranks, time_dim_concat=time_dim_concat,
+                                  **extra)
         self._note(workers, ranks, reason)
         if reason is not None or self.gpus < 2:
             return executor(*args, **kwargs)
         workers = workers[:ranks]
         devices = [w.device for w in workers]
         models = [model] + [self._copy_on(model, d, devices[0]) for d in devices[1:]]
-        return parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents, control,
-                                options, first=executor, workers=workers, **extra)
+        if family == "flux":
+            return parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents, control,
+                                    options, first=executor, workers=workers, **extra)
+        return parallel_forward_wan(models, devices, x, timestep, context, clip_fea, time_dim_concat, options,
+                                    first=executor, workers=workers, **extra)
 
     def _leased_workers(self) -> list:
         worker = current_worker.get()
@@ -105,20 +116,25 @@ class SequenceParallelWrapper:
             return copy
 
 
-def _positional(args: tuple, kwargs: dict) -> tuple:
-    """Flux.forward's (x, timestep, context, y, guidance, ref_latents, control, transformer_options)."""
-    names = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
-    values = list(args[:8]) + [kwargs.pop(n, None) for n in names[len(args[:8]):]]
-    values[7] = values[7] or {}
+FLUX_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
+WAN_ARGS = ("x", "timestep", "context", "clip_fea", "time_dim_concat", "transformer_options")
+
+
+def _positional(args: tuple, kwargs: dict, names: tuple) -> tuple:
+    """The model's forward arguments by position (those given by keyword are taken out of `kwargs`);
+    transformer_options last, {} when absent."""
+    count = len(names)
+    values = list(args[:count]) + [kwargs.pop(n, None) for n in names[len(args[:count]):]]
+    values[-1] = values[-1] or {}
     return tuple(values)
 
 
 class SequenceParallel:
-    """MODEL -> MODEL: each denoiser forward runs on `gpus` GPUs at once (FLUX.1; others run on one)."""
+    """MODEL -> MODEL: each denoiser forward runs on `gpus` GPUs at once (FLUX.1, Wan 2.x; others on one)."""
     CATEGORY = "advanced/model"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
-    DESCRIPTION = ("Runs each FLUX denoiser step on several GPUs at once (sequence parallelism): the prompt "
+    DESCRIPTION = ("Runs each FLUX or Wan denoiser step on several GPUs at once (sequence parallelism): the prompt "
                    "waits until that many GPUs of its pool are free. Falls back to one GPU, with the reason "
                    "in the log and in the prompt's history, when the model or the patches do not allow it.")
 

@@ -83,6 +83,20 @@ def flux(gpus: int, seed: int = 1, width: int = 64, height: int = 40, tokens: in
             "9": {"class_type": "MGLatentValues", "inputs": {"samples": ["5", 0]}}}
 
 
+WAN = "tiny-wan21-t2v-flux.safetensors"
+
+
+def wan(gpus: int, seed: int = 1, width: int = 48, height: int = 40, length: int = 5, steps: int = 2) -> dict:
+    """The tiny Wan 2.1 text-to-video model, SequenceParallel(gpus), umT5-wide conditioning from
+    MGFluxCond, a stock KSampler on a video latent, the latent's values reported (node "9")."""
+    prompt = flux(gpus, seed=seed, steps=steps)
+    prompt["1"]["inputs"]["unet_name"] = WAN
+    prompt["3"]["inputs"].update(width=4096, tokens=5)
+    prompt["4"] = {"class_type": "EmptyHunyuanLatentVideo",
+                   "inputs": {"width": width, "height": height, "length": length, "batch_size": 1}}
+    return prompt
+
+
 def spin(blocks: int, value: int = 0) -> dict:
     """Holds the GIL for `blocks` x 1000 pure-Python additions (spin_blocks() sizes it in seconds)."""
     return {"1": {"class_type": "MGSpin", "inputs": {"blocks": blocks, "value": value}}}

@@ -1,0 +1,114 @@
+"""Sequence-parallel Wan 2.x (issue 17): the same Ulysses exchange as FLUX (host/sp_flux.py), through
+Wan's hooks: its blocks' replace patches (wan/model.py forward_orig, `patches_replace["dit"]
+[("double_block", i)]`) hand each rank its share of the video tokens and of the RoPE frequencies at
+the first block, every block gets its rank's frequencies, and the last one gathers the tokens so the
+head and un-patchify see the whole video; self-attention exchanges head groups through
+`optimized_attention_override`, cross-attention to the text and image context stays local (keys are
+the same on every rank). Text to video and image to video (WanModel); the VACE, camera, audio and
+other variants, per-frame timesteps (Wan 2.2 TI2V) and reference or in-context latents fall back.
+
+Host objects touched: comfy.ldm.wan.model.WanModel (called, never changed); transformer_options copied.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..policy.sequence_split import fallback_reason
+from ..runtime.rank_group import RankGroup, run_ranks
+from .sp_flux import _Rank
+
+EXTRA_INPUTS = ("reference_latent", "context_latents", "audio_embed", "vace_context", "camera_conditions")
+
+
+def wan_fallback(model, x, timestep, context, transformer_options: dict, ranks: int, time_dim_concat=None,
+                 **kwargs) -> Optional[str]:
+    """Why this forward of `model` cannot be split over `ranks` (None: it can)."""
+    from comfy.ldm.wan.model import WanModel
+    if type(model) is not WanModel:
+        return f"{type(model).__name__} is a Wan variant that is not supported (text and image to video are)"
+    patch = model.patch_size
+    tokens = 1
+    for size, step in zip(x.shape[2:], patch):
+        tokens *= (size + step // 2) // step
+    patches = transformer_options.get("patches", {})
+    replaced = transformer_options.get("patches_replace", {}).get("dit", {})
+    if timestep.ndim > 1 and timestep.shape[-1] > 1:
+        return "per-frame timesteps (Wan 2.2 TI2V) modulate token ranges"
+    if time_dim_concat is not None or any(kwargs.get(k) is not None for k in EXTRA_INPUTS):
+        return "reference, in-context or other extra latents are not split"
+    if "double_block" in patches or "attn1_patch" in patches or any(k[0] == "double_block" for k in replaced):
+        return "another patch works on the blocks' tokens"
+    return fallback_reason(ranks=ranks, heads=model.num_heads, tokens=tokens,
+                           foreign_override="optimized_attention_override" in transformer_options)
+
+
+class _WanRank(_Rank):
+    def __init__(self, group: RankGroup, rank: int, blocks: int):
+        super().__init__(group, rank)
+        self.blocks = blocks
+        self.bounds = None
+
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in self.bounds]
+
+    def _split(self, tokens: int, avoid: set) -> list[tuple[int, int]]:
+        """Even contiguous shares, none as long as a context the cross-attention attends to."""
+        n = self.group.size
+        cuts = [tokens * r // n for r in range(n + 1)]
+        for r in range(1, n):
+            while cuts[r] - cuts[r - 1] in avoid and cuts[r] + 1 < cuts[r + 1]:
+                cuts[r] += 1
+        if cuts[n] - cuts[n - 1] in avoid:
+            cuts[n - 1] -= 1
+        return list(zip(cuts, cuts[1:]))
+
+    def block(self, index: int):
+        def run(args: dict, extra: dict) -> dict:
+            x, freqs = args["img"], args["pe"]
+            if index == 0:
+                context = args["txt"].shape[1]
+                self.bounds = self._split(x.shape[1], {context, 257, context - 257})
+            a, b = self.bounds[self.rank]
+            if index == 0:
+                x = x[:, a:b]
+            out = extra["original_block"]({**args, "img": x, "pe": freqs[:, a:b]})
+            if index == self.blocks - 1:
+                out = {"img": torch.cat(self.group.all_gather(self.rank, out["img"]), dim=1)}
+            return out
+        return run
+
+    def wan_options(self, transformer_options: dict) -> dict:
+        opts = dict(transformer_options)
+        replace = {k: dict(v) for k, v in opts.get("patches_replace", {}).items()}
+        dit = replace.setdefault("dit", {})
+        for i in range(self.blocks):
+            dit[("double_block", i)] = self.block(i)
+        opts["patches_replace"] = replace
+        opts["optimized_attention_override"] = self.attention
+        opts["sequence_parallel"] = {"rank": self.rank, "ranks": self.group.size}
+        return opts
+
+
+def parallel_forward_wan(models: Sequence[Any], devices: Sequence[Any], x, timestep, context, clip_fea=None,
+                         time_dim_concat=None, transformer_options: Optional[dict] = None, first=None,
+                         workers: Optional[Sequence[Any]] = None, **kwargs):
+    """WanModel._forward over len(models) ranks (see sp_flux.parallel_forward)."""
+    group = RankGroup(devices)
+    transformer_options = transformer_options or {}
+    blocks = len(models[0].blocks)
+
+    def move(value, device):
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    def work(rank: int):
+        if workers is not None and rank > 0:
+            from ..runtime.context import current_worker
+            current_worker.set(workers[rank])
+        device = group.devices[rank]
+        opts = _WanRank(group, rank, blocks).wan_options(transformer_options)
+        call = first if rank == 0 and first is not None else models[rank]._forward
+        return call(move(x, device), move(timestep, device), move(context, device), move(clip_fea, device),
+                    move(time_dim_concat, device), opts, **{k: move(v, device) for k, v in kwargs.items()})
+    return run_ranks(group, work)
