@@ -26,12 +26,16 @@ def run(env: Mapping[str, str] = os.environ) -> None:
         return          # activation reports configuration errors once, with the real device count
     if not settings.enabled:
         return
-    if args.enable_dynamic_vram:
+    if args.enable_dynamic_vram and settings.worker_mode != "process":
         logger.warning("comfy-multigpu: --enable-dynamic-vram ignored: DynamicVRAM is not safe with "
                        "concurrent per-GPU workers")
     args.enable_dynamic_vram = False
     args.disable_dynamic_vram = True
-    logger.info("comfy-multigpu: DynamicVRAM switched off for %d concurrent workers (%s)",
-                len(settings.devices), ", ".join(settings.devices))
+    if settings.worker_mode == "process":
+        logger.info("comfy-multigpu: DynamicVRAM off in the main process, which runs no models; each of the %d "
+                    "worker processes decides as stock ComfyUI does", len(settings.devices))
+    else:
+        logger.info("comfy-multigpu: DynamicVRAM switched off for %d concurrent workers (%s)",
+                    len(settings.devices), ", ".join(settings.devices))
     if cap_arenas(settings.malloc_arenas):
         logger.info("comfy-multigpu: at most %d malloc arenas (COMFY_MULTIGPU_MALLOC_ARENAS)", settings.malloc_arenas)

@@ -59,7 +59,7 @@ def ranks(model, args, n):
     from comfy_multigpu.host.sp_flux import parallel_forward
     with torch.no_grad():
         return parallel_forward([model] * n, ["cpu"] * n, args["x"], args["timestep"], args["context"], args["y"],
-                                args["guidance"], transformer_options={})
+                                args["guidance"], transformer_options={})[0]
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
@@ -153,8 +153,10 @@ def test_a_sequence_parallel_prompt_gives_the_one_gpu_latent_through_the_api(mul
         got, entry = latent_of(multi4, wf.flux(n))
         assert max_rel_error(got, expected) < TOLERANCE, n
         assert len(entry["gpu_ids"]) == n and entry["gpu_id"] == entry["gpu_ids"][0]
-        assert entry["sequence_parallel"] == {"gpus_asked": n, "gpus": n, "gpu_ids": entry["gpu_ids"],
-                                              "fallback": None}
+        note = entry["sequence_parallel"]
+        assert {k: note[k] for k in ("gpus_asked", "gpus", "gpu_ids", "fallback")} == \
+            {"gpus_asked": n, "gpus": n, "gpu_ids": entry["gpu_ids"], "fallback": None}
+        assert note["forwards"] == 3 and note["exchanges"] > 0       # 3 steps; the ranks met
     assert "SequenceParallel: each FLUX forward on GPUs" in multi4.log()
 
 
@@ -237,7 +239,7 @@ def wan_ranks(model, args, n):
     from comfy_multigpu.host.sp_wan import parallel_forward_wan
     with torch.no_grad():
         return parallel_forward_wan([model] * n, ["cpu"] * n, args["x"], args["timestep"], args["context"],
-                                    transformer_options={})
+                                    transformer_options={})[0]
 
 
 @pytest.mark.parametrize("n, tokens", [(2, 7), (3, 7), (4, 7), (2, 15)])
@@ -282,3 +284,28 @@ def test_a_wan_video_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
         got, entry = latent_of(multi4, wf.wan(n))
         assert max_rel_error(got, expected) < TOLERANCE, n
         assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None
+
+
+def test_sequence_parallel_and_single_prompts_together_all_finish_with_the_lease_visible(multi4):
+    import time
+    from helpers import workflows as wf
+    multi4.wait_idle()
+    first = multi4.submit(wf.flux(2, seed=21, steps=150))["prompt_id"]
+    deadline = time.time() + 60
+    while True:
+        leased = [q for q in multi4.get("/queue/all")["queues"] if q.get("lease", {}).get("prompt_id") == first]
+        if leased or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(leased) == 1 and len(leased[0]["lease"]["gpus"]) == 2 and leased[0]["lease"]["rank"] == 1
+    gpus = leased[0]["lease"]["gpus"]
+    metrics = multi4.request("GET", "/metrics").decode()
+    assert all(f'comfy_multigpu_lease_gpus{{gpu="{g}"}} 2.0' in metrics for g in gpus)
+    cards = {c["gpu_id"]: c for c in multi4.get("/multigpu/state")["gpus"]}
+    assert [cards[g]["lease"]["rank"] for g in gpus] == [0, 1]
+    second = multi4.submit(wf.flux(2, seed=22))["prompt_id"]
+    singles = [multi4.submit(wf.sleep(0.3, i))["prompt_id"] for i in range(3)]
+    done = multi4.wait([first, second] + singles, timeout=240)
+    assert all(e["status"]["status_str"] == "success" for e in done.values())
+    assert len(done[second]["gpu_ids"]) == 2
+    assert done[first]["sequence_parallel"]["exchanges"] > 0       # the ranks met at every exchange

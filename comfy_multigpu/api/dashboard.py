@@ -42,6 +42,14 @@ def card_state(up: bool, healthy: bool, running: int, pending: int, cap: int) ->
     return "busy"
 
 
+def _lease(queue) -> "dict | None":
+    """The several-GPU lease this GPU serves (sequence parallelism): prompt, its GPUs, this GPU's rank."""
+    for lease in queue.leases:
+        if len(lease.gpu_ids) > 1:
+            return {"prompt_id": lease.prompt_id, "gpus": list(lease.gpu_ids), "rank": lease.rank_of(queue.gpu_id)}
+    return None
+
+
 def snapshot(pool: "WorkerPool", tail: bool = False) -> dict:
     """The cards, totals and charts (tail: only the last buckets and runs, for a push)."""
     board = pool.board
@@ -60,7 +68,8 @@ def snapshot(pool: "WorkerPool", tail: bool = False) -> dict:
                       "progress": progress,
                       "pending": q.pending_count, "models": list(w.recent_models())[-4:],
                       "memory": _memory(w.device_memory()),
-                      "per_minute": round(board.per_minute(w.gpu_id), 2), "restarts": w.restarts})
+                      "per_minute": round(board.per_minute(w.gpu_id), 2), "restarts": w.restarts,
+                      "lease": _lease(q)})
     return {"gpus": cards, "pools": {k: list(v) for k, v in pool.pools.items()},
             "totals": {"running": sum(1 for c in cards if c["running"]), "pending": sum(c["pending"] for c in cards),
                        "per_minute": round(sum(c["per_minute"] for c in cards), 2),

@@ -38,7 +38,15 @@ class PoolCollector:
                                     labels=["gpu"])
         restarts = CounterMetricFamily(f"{PREFIX}_worker_restarts", "times a worker loop died and restarted",
                                        labels=["gpu"])
+        lease_gpus = GaugeMetricFamily(f"{PREFIX}_lease_gpus", "GPUs of the lease this GPU serves (0: idle; "
+                                       "more than 1: one prompt on several GPUs)", labels=["gpu"])
+        lease_rank = GaugeMetricFamily(f"{PREFIX}_lease_rank", "this GPU's rank in its lease (-1: idle)",
+                                       labels=["gpu"])
         snap = pool.scheduler.snapshot()
+        for q in snap.gpus:
+            lease = q.leases[0] if q.leases else None
+            lease_gpus.add_metric([str(q.gpu_id)], len(lease.gpu_ids) if lease else 0)
+            lease_rank.add_metric([str(q.gpu_id)], lease.rank_of(q.gpu_id) if lease else -1)
         rows = [(str(w.gpu_id), q.pending_count, len(q.running), not w.down, not q.unhealthy, w.restarts, w)
                 for w, q in zip(pool.workers, snap.gpus)]
         for gpu, pending, run, is_up, is_healthy, restart_count, _ in rows:
@@ -47,7 +55,7 @@ class PoolCollector:
             up.add_metric([gpu], 1 if is_up else 0)
             healthy.add_metric([gpu], 1 if is_healthy else 0)
             restarts.add_metric([gpu], restart_count)
-        yield from (depth, running, up, healthy, restarts)
+        yield from (depth, running, up, healthy, restarts, lease_gpus, lease_rank)
         yield from self._device_memory(rows)
         yield from self._ram_cache()
         yield from self._housekeeping()

@@ -115,8 +115,8 @@ def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep,
                      first=None, workers: Optional[Sequence[Any]] = None, **kwargs):
     """Flux._forward over len(models) ranks: models[r] (the same weights) on devices[r]. `first`,
     if given, runs rank 0 instead of models[0]._forward (the rest of a wrapper chain); `workers[r]`,
-    if given, is the GPU worker rank r runs for (its thread sees that worker's device). Returns rank
-    0's output, on rank 0's device."""
+    if given, is the GPU worker rank r runs for (its thread sees that worker's device). Returns (rank
+    0's output on rank 0's device, the RankGroup, which counted the exchanges)."""
     group = RankGroup(devices)
     transformer_options = transformer_options or {}
     last_single = len(models[0].single_blocks) - 1
@@ -138,4 +138,4 @@ def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep,
         return call(move(x, device), move(timestep, device), move(context, device), move(y, device),
                     move(guidance, device), move(ref_latents, device), None, opts,
                     **{k: move(v, device) for k, v in kwargs.items()})
-    return run_ranks(group, work)
+    return run_ranks(group, work), group

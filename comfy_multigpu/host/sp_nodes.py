@@ -62,10 +62,23 @@ class SequenceParallelWrapper:
         devices = [w.device for w in workers]
         models = [model] + [self._copy_on(model, d, devices[0]) for d in devices[1:]]
         if family == "flux":
-            return parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents, control,
-                                    options, first=executor, workers=workers, **extra)
-        return parallel_forward_wan(models, devices, x, timestep, context, clip_fea, time_dim_concat, options,
-                                    first=executor, workers=workers, **extra)
+            out, group = parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents,
+                                          control, options, first=executor, workers=workers, **extra)
+        else:
+            out, group = parallel_forward_wan(models, devices, x, timestep, context, clip_fea, time_dim_concat,
+                                              options, first=executor, workers=workers, **extra)
+        self._count(group)
+        return out
+
+    @staticmethod
+    def _count(group) -> None:
+        """The prompt's history note counts forwards and exchanges (every exchange is a meeting of all
+        ranks at one barrier: proof that they ran at the same time)."""
+        lease = getattr(current_worker.get(), "lease", None)
+        note = lease.notes.get("sequence_parallel") if lease is not None else None
+        if note is not None:
+            note["forwards"] = note.get("forwards", 0) + 1
+            note["exchanges"] = note.get("exchanges", 0) + group.exchanges
 
     def _leased_workers(self) -> list:
         worker = current_worker.get()
@@ -93,7 +106,8 @@ class SequenceParallelWrapper:
         note = {"gpus_asked": self.gpus, "gpus": 1 if reason else max(1, ranks),
                 "gpu_ids": [w.gpu_id for w in workers[:1 if reason else ranks]], "fallback": reason}
         if lease is not None:
-            if lease.notes.get("sequence_parallel") == note:
+            known = lease.notes.get("sequence_parallel")
+            if known is not None and all(known.get(k) == v for k, v in note.items()):
                 return
             lease.notes["sequence_parallel"] = note
         if reason is not None:

@@ -111,4 +111,4 @@ def parallel_forward_wan(models: Sequence[Any], devices: Sequence[Any], x, times
         call = first if rank == 0 and first is not None else models[rank]._forward
         return call(move(x, device), move(timestep, device), move(context, device), move(clip_fea, device),
                     move(time_dim_concat, device), opts, **{k: move(v, device) for k, v in kwargs.items()})
-    return run_ranks(group, work)
+    return run_ranks(group, work), group

@@ -10,6 +10,7 @@ Host objects touched: none.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 EXCHANGE_TIMEOUT_S = 300.0
@@ -27,6 +28,8 @@ class RankGroup:
         self._tables = [[[None] * self.size for _ in range(self.size)] for _ in range(2)]
         self._count = [0] * self.size
         self.exchanges = 0                     # rank 0's count, for logs and tests
+        self.sent = [0] * self.size            # bytes each rank copied to other ranks
+        self.waited = [0.0] * self.size        # seconds each rank spent at the barriers
 
     def all_to_all(self, rank: int, send: Sequence) -> list:
         """send[j] goes to rank j; returns what every rank i sent to this one, in rank order."""
@@ -34,7 +37,11 @@ class RankGroup:
         self._count[rank] += 1
         for j, tensor in enumerate(send):
             table[rank][j] = _onto(tensor, self.devices[j])
+            if j != rank:
+                self.sent[rank] += tensor.nbytes
+        started = time.perf_counter()
         self._wait()
+        self.waited[rank] += time.perf_counter() - started
         if rank == 0:
             self.exchanges += 1
         return [table[i][rank] for i in range(self.size)]
