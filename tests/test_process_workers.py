@@ -139,3 +139,10 @@ def test_kill_9_of_the_main_process_takes_its_children_and_leaves_no_shared_memo
     assert server.proc.returncode == 0
     assert wait_gone(list(pids.values())) == [], "children outlived a clean stop"
     assert not list(SHM.glob(f"comfy-multigpu-{server.proc.pid}-*"))
+
+
+def test_a_sequence_parallel_prompt_runs_on_one_gpu_and_says_why(multi2_process):
+    pid = multi2_process.submit(wf.flux(2))["prompt_id"]
+    entry = multi2_process.wait(pid, timeout=120)[pid]
+    assert entry["status"]["status_str"] == "success" and "gpu_ids" not in entry
+    assert "process workers own one GPU each" in entry["sequence_parallel"]["fallback"]

@@ -35,7 +35,8 @@ class _Slot:
 
 class LocalScheduler(Scheduler):
     def __init__(self, members: Sequence[Member], pools: Optional[dict] = None, max_overtakes: int = 0,
-                 limits: Limits = Limits(), journal=None, on_change: Optional[Callable[[], None]] = None):
+                 limits: Limits = Limits(), journal=None, on_change: Optional[Callable[[], None]] = None,
+                 max_gang: int = 0):
         self._lock = threading.RLock()
         self._members = list(members)
         self._slots = [_Slot(threading.Condition(self._lock)) for _ in self._members]
@@ -43,6 +44,7 @@ class LocalScheduler(Scheduler):
         self.default_pool: Optional[str] = "default" if "default" in self.pools else None
         self.max_overtakes = max_overtakes
         self._gang_turn = 0                     # gang leases granted (round-robin strategies)
+        self.max_gang = max_gang                # most GPUs one prompt may lease (0: its pool's size)
         self.limits = limits
         self.journal = journal                 # runtime.journal.Journal or None
         self.on_change = on_change             # called outside the lock after every change
@@ -71,7 +73,7 @@ class LocalScheduler(Scheduler):
                                           self._draining, self.mean_run_s)
                 if refusal is not None:
                     raise refusal
-            prompt = fit_gang(prompt, len(self._members))
+            prompt = fit_gang(prompt, self.max_gang or len(self._members))
             gpu = prompt.target
             if gpu is None:
                 gpu = placement.choose_least_loaded(self._loads(), prompt.models, prompt.eligible)

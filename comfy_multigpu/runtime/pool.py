@@ -48,8 +48,10 @@ class WorkerPool:
         for w, weight in zip(self.workers, options.weights):
             w.weight = weight
         self.weights = weights                     # WeightStore (threads) / SegmentStore (processes) / None
+        # process workers own one GPU each: a prompt asking for several runs on one (and says why)
         self.scheduler = LocalScheduler(self.workers, options.pools, options.max_overtakes, options.limits,
-                                        journal, on_change=self._queue_updated)
+                                        journal, on_change=self._queue_updated,
+                                        max_gang=1 if options.spawn is not None else 0)
         self.server = None                         # ComfyUI's PromptServer, from launch()
         self.board = Board()                       # dashboard: live progress, subscribers
         self.save_names = SaveNames()

@@ -78,12 +78,12 @@ def first_pinned(heap: list, waiting_index: dict) -> Optional[QueuedPrompt]:
     return None
 
 
-def fit_gang(prompt: QueuedPrompt, workers: int) -> QueuedPrompt:
-    """A prompt asking for more GPUs than its pool has gets the whole pool (its nodes then run on
-    fewer and say so); one pinned to a GPU runs on that GPU alone."""
+def fit_gang(prompt: QueuedPrompt, limit: int) -> QueuedPrompt:
+    """A prompt asking for more GPUs than its pool has (or than `limit`) gets what there is (its nodes
+    then run on fewer and say so); one pinned to a GPU runs on that GPU alone."""
     if prompt.gang <= 1:
         return prompt
-    size = len(prompt.eligible) if prompt.eligible is not None else workers
+    size = min(len(prompt.eligible), limit) if prompt.eligible is not None else limit
     gang = 1 if prompt.target is not None else min(prompt.gang, size)
     return prompt if gang == prompt.gang else dataclasses.replace(prompt, gang=gang)
 
