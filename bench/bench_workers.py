@@ -87,25 +87,55 @@ def repeated(repeat: int, one) -> list:
     return results
 
 
-def run_prompts(targets, prompts) -> tuple[float, list]:
-    """Prompt i to targets[i % len(targets)] ((server, X-TARGET-GPU)), all submitted at once; waits
-    until all are in history: (seconds from the first submit until then, history entries). Each
-    server first runs two no-op prompts one after the other, so that stock ComfyUI's gc.collect
-    (due after a prompt once 10 s have passed since the last) happens before the window, not in it."""
+async def _post(session, server, gpu, prompt: dict, client: str) -> str:
+    headers = {} if gpu is None else {"X-TARGET-GPU": str(gpu)}
+    async with session.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client},
+                            headers=headers) as answer:
+        return (await answer.json())["prompt_id"]
+
+
+async def _closed(ws, ids) -> float:
+    """Reads ws until the closing `executing` event (node None; a server sends it once the prompt's
+    history entry is written) of every prompt id in ids has come; the time then."""
+    left = set(ids)
+    while left:
+        msg = await asyncio.wait_for(ws.receive(), 600)
+        event = msg.json() if msg.type == aiohttp.WSMsgType.TEXT else {}
+        if event.get("type") == "executing" and event["data"].get("node") is None:
+            left.discard(event["data"].get("prompt_id"))
+    return time.perf_counter()
+
+
+async def _window(targets, prompts) -> tuple[float, list]:
+    """Prompt i to targets[i % len(targets)] ((server, X-TARGET-GPU)), all at once; (seconds until the
+    last of them closed, [(server, prompt id)]). Listening on a WebSocket instead of polling leaves the
+    servers' event loops, and so their GIL, alone during a window."""
     servers = list(dict.fromkeys(server for server, _ in targets))
-    for server in servers:
+    client = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(f"{s.url}/ws?clientId={client}") for s in servers]
+        start = time.perf_counter()
+        ids = []
+        for i, prompt in enumerate(prompts):
+            server, gpu = targets[i % len(targets)]
+            ids.append((server, await _post(session, server, gpu, prompt, client)))
+        ends = await asyncio.gather(*(_closed(ws, [pid for s, pid in ids if s is server])
+                                      for ws, server in zip(sockets, servers)))
+        for ws in sockets:
+            await ws.close()
+    return max(ends) - start, ids
+
+
+def run_prompts(targets, prompts) -> tuple[float, list]:
+    """_window once the servers are idle; (seconds, history entries), all of them successes. Each
+    server first runs two no-op prompts one after the other, so that stock ComfyUI's gc.collect (due
+    after a prompt once 10 s have passed since the last; about 0.3 s here) runs before the window."""
+    for server in dict.fromkeys(server for server, _ in targets):
         server.wait_idle(600)
         for _ in range(2):
             server.submit(wf.sleep(0.0))
             server.wait_idle(600)
-    start = time.perf_counter()
-    ids = []
-    for i, prompt in enumerate(prompts):
-        server, gpu = targets[i % len(targets)]
-        ids.append((server, server.submit(prompt, gpu=gpu)["prompt_id"]))
-    for server in servers:
-        server.wait_idle(600)
-    seconds = time.perf_counter() - start
+    seconds, ids = asyncio.run(_window(targets, prompts))
     entries = [server.wait(pid, timeout=600)[pid] for server, pid in ids]
     bad = [e["status"] for e in entries if e["status"]["status_str"] != "success"]
     if bad:
@@ -172,33 +202,34 @@ def model_rate(setup, key: str, forwards: int) -> float:
     return sum(wf.ui(e, "1", "forwards") for e in entries) / span
 
 
-async def noop_latency(servers: dict, rounds: int) -> dict:
-    """Seconds from POST /prompt of MGSleep(0) to its closing `executing` event, one prompt at a time,
-    alternating between the servers (2 unmeasured warm-up rounds first)."""
-    out = {name: [] for name in servers}
+async def _noop_rounds(servers: dict) -> dict:
+    client = uuid.uuid4().hex
+    out = {mode: [] for mode in servers}
     async with aiohttp.ClientSession() as session:
-        links = {}
-        for name, server in servers.items():
-            cid = uuid.uuid4().hex
-            links[name] = (cid, await session.ws_connect(f"{server.url}/ws?clientId={cid}"))
-        for i in range(rounds + 2):
-            for name, server in servers.items():
-                cid, ws = links[name]
-                t = time.perf_counter()
-                body = {"prompt": wf.sleep(0.0, i), "client_id": cid}
-                async with session.post(f"{server.url}/prompt", json=body) as answer:
-                    pid = (await answer.json())["prompt_id"]
-                while True:
-                    msg = await asyncio.wait_for(ws.receive(), 60)
-                    event = msg.json() if msg.type == aiohttp.WSMsgType.TEXT else {}
-                    if event.get("type") == "executing" and event["data"].get("node") is None \
-                            and event["data"].get("prompt_id") == pid:
-                        break
-                if i >= 2:
-                    out[name].append(time.perf_counter() - t)
-        for _, ws in links.values():
+        sockets = {mode: await session.ws_connect(f"{s.url}/ws?clientId={client}") for mode, s in servers.items()}
+        for i in range(NOOP_ROUNDS + 2):
+            for mode, server in servers.items():
+                start = time.perf_counter()
+                pid = await _post(session, server, None, wf.sleep(0.0, i), client)
+                seconds = await _closed(sockets[mode], [pid]) - start
+                out[mode] += [seconds] if i >= 2 else []
+        for ws in sockets.values():
             await ws.close()
     return out
+
+
+def noop_latency(setups) -> dict:
+    """{mode: [seconds]}: a no-op prompt (MGSleep(0)) submitted alone until its closing `executing`
+    event, NOOP_ROUNDS times per setup, the setups taking turns (2 unmeasured rounds first)."""
+    for setup in setups:
+        setup.servers[0].wait_idle(600)
+    return asyncio.run(_noop_rounds({setup.mode: setup.servers[0] for setup in setups}))
+
+
+def spin_alone(server, blocks: int) -> float:
+    """Seconds MGSpin(blocks) takes alone in `server`: the fastest of 3 prompts."""
+    _, entries = run_prompts([(server, None)], [wf.spin(blocks, i) for i in range(3)])
+    return min(wf.ui(e, "1", "t1") - wf.ui(e, "1", "t0") for e in entries)
 
 
 def pss(pid: int) -> tuple[int, int]:
@@ -276,9 +307,10 @@ def measure(opts, base: str) -> dict:
         try:
             start_all([s for setup in setups for s in setup.servers])
             if "gil" in opts.parts and n > 1:
-                if "spin_s" not in res:       # one MGSpin prompt alone on a stock server
-                    _, (entry,) = setups[2].run([wf.spin(opts.blocks)])
-                    res["spin_s"] = wf.ui(entry, "1", "t1") - wf.ui(entry, "1", "t0")
+                if "spin_s" not in res:       # size MGSpin to --seconds in a stock server
+                    stock = setups[MODES.index("stock")].servers[0]
+                    opts.blocks = round(opts.blocks * opts.seconds / spin_alone(stock, opts.blocks))
+                    res["spin_s"] = spin_alone(stock, opts.blocks)
                 res["gil"][n] = interleaved(setups, opts.repeat, lambda setup: 4 * n / setup.run(
                     [wf.spin(opts.blocks, i) for i in range(4 * n)])[0])
                 _progress(f"gil n={n}", res["gil"][n])
@@ -290,7 +322,7 @@ def measure(opts, base: str) -> dict:
                 _progress(f"model {key} n={n} ({forwards} forwards/prompt)", rates)
             if "noop" in opts.parts and n == 2:
                 wait_quiet()
-                res["noop"] = asyncio.run(noop_latency({s.mode: s.servers[0] for s in setups[:2]}, NOOP_ROUNDS))
+                res["noop"] = noop_latency(setups[:2])
                 _progress("noop ms", {m: [v * 1000 for v in res["noop"][m]] for m in MODES[:2]})
         finally:
             stop_all(setups)
@@ -320,8 +352,8 @@ HEAD = "thread mode | process mode | N stock processes | process / thread | proc
 
 def gil_table(res, opts) -> list[str]:
     return ["", f"GIL-holding node: `MGSpin` ({opts.blocks} blocks, sized to {opts.seconds:g} s on one core; "
-            f"{res['spin_s']:.2f} s alone in a stock server), 4 x N prompts submitted at once per window, "
-            f"prompts/s until all are in history (this machine's ceiling: {os.cpu_count() / opts.seconds:g}/s):",
+            f"{res['spin_s']:.2f} s alone in a stock server), 4 x N prompts submitted at once per window, prompts/s "
+            f"until all are in history (ceiling of {os.cpu_count()} cores: {os.cpu_count() / res['spin_s']:.2f}/s):",
             "", f"| workers | {HEAD}", "|---" * 6 + "|"] + [_row(str(n), r, 2) for n, r in res["gil"].items()]
 
 
@@ -360,8 +392,10 @@ def memory_table(res) -> list[str]:
         lines.append(f"| {label} | {total[(mode, n)]:.0f} | {f['main'] / MIB:.0f} | {f['children'] / MIB:.0f} "
                      f"({f['count']}) | {f['shmem'] / MIB:.0f} | {cached} |")
     grow = {m: total[(m, 4)] - total[(m, 1)] for m in MODES}
+    kids = mem[("process", 4)]
     return lines + ["", f"From 1 to 4 workers: thread mode +{grow['thread']:.0f} MiB, process mode "
-                    f"+{grow['process']:.0f} MiB ({grow['process'] / 3:.0f} per extra child), stock "
+                    f"+{grow['process']:.0f} MiB ({grow['process'] / 3:.0f} per extra child; with 4, a child holds "
+                    f"{(kids['children'] - kids['shmem']) / kids['count'] / MIB:.0f} MiB besides shared memory), stock "
                     f"+{grow['stock']:.0f} MiB ({grow['stock'] / 3:.0f} per extra process). With 4 workers, "
                     f"process / thread {total[('process', 4)] / total[('thread', 4)]:.2f}, process / stock "
                     f"{total[('process', 4)] / total[('stock', 4)]:.2f}."]

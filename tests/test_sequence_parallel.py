@@ -297,8 +297,9 @@ def test_sequence_parallel_and_single_prompts_together_all_finish_with_the_lease
         if leased or time.time() > deadline:
             break
         time.sleep(0.05)
-    assert len(leased) == 1 and len(leased[0]["lease"]["gpus"]) == 2 and leased[0]["lease"]["rank"] == 1
+    assert len(leased) == 2 and sorted(q["lease"]["rank"] for q in leased) == [0, 1]
     gpus = leased[0]["lease"]["gpus"]
+    assert len(gpus) == 2 and sorted(q["gpu_id"] for q in leased) == gpus
     metrics = multi4.request("GET", "/metrics").decode()
     assert all(f'comfy_multigpu_lease_gpus{{gpu="{g}"}} 2.0' in metrics for g in gpus)
     cards = {c["gpu_id"]: c for c in multi4.get("/multigpu/state")["gpus"]}

@@ -30,11 +30,20 @@ class ChildPool:
 
 
 @dataclass
+class ChildLease:
+    """What a prompt's nodes note for its history entry in a child (sent back with its result)."""
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
 class ChildWorker:
-    """current_worker in the child: its GPU id (the patches key reservations by it) and device."""
+    """current_worker in the child: its GPU id (the patches key reservations by it), its device, and
+    the running prompt's notes."""
     gpu_id: int
     device: Any = None
     label: str = ""
+    lease: ChildLease = field(default_factory=ChildLease)
+    process_child: bool = True
 
 
 _state: dict[str, Any] = {}
@@ -56,6 +65,16 @@ def install(child, sharing: bool) -> list[str]:
     current_worker.set(ChildWorker(child.gpu_id, device, str(device)))
     _state.update(pool=pool, patches=patchset)
     return applied
+
+
+def take_notes() -> dict:
+    """The running prompt's notes so far, and a fresh notebook for the next one."""
+    from ..runtime.context import current_worker
+    worker = current_worker.get()
+    if not isinstance(worker, ChildWorker):
+        return {}
+    notes, worker.lease = worker.lease.notes, ChildLease()
+    return notes
 
 
 def release_held() -> int:

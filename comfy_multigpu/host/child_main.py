@@ -140,11 +140,14 @@ class Child:
             self.current_prompt = None
             self.interrupted.discard(prompt_id)
         free = self._device_memory()
+        from . import child_hooks
+        notes = child_hooks.take_notes()
         try:
-            self.link.send(("done", executor.history_result, executor.success, executor.status_messages, free, error))
+            self.link.send(("done", executor.history_result, executor.success, executor.status_messages, free, error,
+                            notes))
         except Exception as ex:          # an output that does not pickle: report it as the error
             self.link.send(("done", {"outputs": {}, "meta": {}}, False, [], free,
-                            f"the result could not be sent to the main process: {type(ex).__name__}: {ex}"))
+                            f"the result could not be sent to the main process: {type(ex).__name__}: {ex}", {}))
         logger.info("[GPU %s] Prompt executed in %.2f seconds", self.gpu_id, time.perf_counter() - started)
 
     def free(self, executor, unload_models: bool, free_memory: bool) -> None:

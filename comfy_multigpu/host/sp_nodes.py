@@ -94,7 +94,7 @@ class SequenceParallelWrapper:
         worker = current_worker.get()
         if worker is None:
             return "comfy-multigpu is not active in this process"
-        if not hasattr(worker, "lease"):
+        if getattr(worker, "process_child", False):
             return "process workers own one GPU each (COMFY_MULTIGPU_WORKER_MODE=thread runs it on several)"
         return (f"only {len(workers)} GPU leased for this prompt (it is pinned to one GPU, or its pool "
                 f"has fewer than {self.gpus})")

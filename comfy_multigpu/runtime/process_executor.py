@@ -77,6 +77,7 @@ class ProcessExecutor:
         self.info: dict = {}                   # what the child said when ready (pid, device, seconds)
         self.memory: Optional[tuple] = None    # (free, total) bytes of its CUDA device, as the child saw last
         self.child: Optional[ChildProcess] = None
+        self.notes: dict = {}                  # the last prompt's notes for its history entry
         self._lock = threading.Lock()          # child, start state, stopping
         self._ready = threading.Event()        # set: `child` is up, or the last start failed
         self._start_error: Optional[str] = None
@@ -211,13 +212,14 @@ class ProcessExecutor:
         sockets_metadata = getattr(self.server, "sockets_metadata", {}) or {}
         metadata = {client_id: sockets_metadata[client_id]} if client_id in sockets_metadata else {}
         self.history_result, self.success, self.status_messages = {"outputs": {}, "meta": {}}, False, []
+        self.notes = {}
         try:
             reply = self._converse(("execute", prompt, prompt_id, extra_data, outputs, metadata))
         except ChildDied as ex:
             if client_id is not None:
                 self.server.send_sync("execution_error", _error(prompt_id, ex), client_id)
             raise
-        _, self.history_result, self.success, self.status_messages, self.memory, error = reply
+        _, self.history_result, self.success, self.status_messages, self.memory, error, self.notes = reply
         if error is not None:
             self.success = False
             self.status_messages = list(self.status_messages) + [("execution_error", _error(prompt_id, error))]

@@ -226,6 +226,7 @@ class GpuWorker:
         try:
             executor.execute(prompt.prompt, prompt_id, prompt.run_extra_data(), prompt.outputs)
             success, messages = executor.success, executor.status_messages
+            lease.notes.update(getattr(executor, "notes", None) or {})     # a process worker's child's
         except (Exception, SystemExit) as ex:  # raised outside ComfyUI's per-node handling
             self.log.exception("Prompt %s failed outside node execution", prompt_id)
             success = False
