@@ -2,8 +2,8 @@
 thread workers (COMFY_MULTIGPU_WORKER_MODE=thread, one interpreter), with process workers (=process,
 a child process per worker running ComfyUI's executor), and N stock ComfyUI processes fed round-robin.
 
-1. GIL-holding node: prompts/s of MGSpin prompts sized to --seconds on one core, 4 x N submitted at
-   once per window (until all are in history), with 2 and 4 workers.
+1. GIL-holding node: prompts/s of MGSpin prompts sized to --seconds alone in a stock server, 4 x N
+   submitted at once per window (until all are in history), with 2 and 4 workers.
 2. Real model code: aggregate forwards/s of MGBenchForward (bench/node_pack: ComfyUI's model classes
    as bench_gil.py builds them, real depth, tiny width, one copy per worker) with 1, 2, 4 workers;
    every worker warmed (model built) first, the rate taken over the nodes' own forward timestamps.
@@ -12,8 +12,11 @@ a child process per worker running ComfyUI's executor), and N stock ComfyUI proc
 4. Memory: PSS (/proc/<pid>/smaps_rollup) summed over a server's process tree after every worker ran
    the tiny txt2img: 1 and 4 workers per mode, 1 and 4 stock processes; each setup measured alone.
 
-    scripts/run_bench.sh bench/bench_workers.py [--parts gil,model,noop,memory] [--models sd15,sdxl]
-                                               [--repeat 3] [--seconds 0.5] [--write]
+    scripts/run_bench.sh bench/bench_workers.py [--parts gil,model,noop,memory] [--repeat 3]
+                                               [--models sd15,sdxl,flux,wan] [--seconds 0.5] [--write]
+
+About 13 minutes on 2 cores with the defaults. Before each repetition it waits while other ComfyUI
+servers or pytest runs are on the machine, and takes a repetition again if one started during it.
 
 --write replaces the "workers" section of docs/benchmarks.md with the results.
 """
@@ -418,7 +421,7 @@ def report(res, opts, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="gil,model,noop,memory")
-    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--models", default="sd15,sdxl,flux,wan")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--write", action="store_true")

@@ -55,17 +55,20 @@ def span(server, ids) -> float:
 
 
 def test_prompts_that_hold_the_gil_run_in_parallel_only_on_process_workers(multi2_thread, multi2_process):
-    """4 prompts that each hold the GIL for 1 s on 2 workers (2 cores): about 4 s on threads (one
-    interpreter), about 2 s on processes."""
+    """4 prompts that each hold the GIL for about 1 s on 2 workers (2 cores): about 4 s on threads (one
+    interpreter), about 2 s on processes. Measured in units of one such prompt run alone, so a machine
+    that is slower or busier than the sizing assumed changes nothing."""
     spans = {}
     blocks = wf.spin_blocks(1.0)
+    multi2_thread.wait_idle()
+    alone = span(multi2_thread, [multi2_thread.submit(wf.spin(blocks, 9), gpu=0)["prompt_id"]])
     for mode, server in (("thread", multi2_thread), ("process", multi2_process)):
         server.wait_idle()
         ids = [server.submit(wf.spin(blocks, i), gpu=i % 2)["prompt_id"] for i in range(4)]
         spans[mode] = span(server, ids)
-    print(f"\n4 GIL-holding 1 s prompts on 2 workers: thread {spans['thread']:.2f} s, "
+    print(f"\n4 GIL-holding prompts ({alone:.2f} s alone) on 2 workers: thread {spans['thread']:.2f} s, "
           f"process {spans['process']:.2f} s (ratio {spans['process'] / spans['thread']:.2f})")
-    assert spans["thread"] > 3.0                       # one GIL: the four run one after another
+    assert spans["thread"] > 3.0 * alone               # one GIL: the four run one after another
     assert spans["process"] < 0.75 * spans["thread"]
 
 

@@ -26,6 +26,8 @@ import time
 
 logger = logging.getLogger("comfy_multigpu")
 
+GC_INTERVAL_S = 10.0              # main.py's gc_collect_interval
+
 
 def _die_with_parent() -> None:
     """The kernel kills this child when the main process dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
@@ -110,11 +112,18 @@ class Child:
 
     # ---- commands ------------------------------------------------------------------------------
     def serve(self, prompt_server, executor) -> None:
+        """Commands in order; between them, main.py's housekeeping: at most every GC_INTERVAL_S after
+        work, a garbage collection and the device cache emptied (main.py:462-473)."""
+        need_gc, last_gc = False, 0.0
         while True:
-            message, fds = self.commands.get()
+            timeout = max(0.0, GC_INTERVAL_S - (time.perf_counter() - last_gc)) if need_gc else None
+            try:
+                message, fds = self.commands.get(timeout=timeout)
+            except queue.Empty:
+                message, fds = None, []
             for fd in fds:
                 os.close(fd)
-            kind = message[0]
+            kind = message[0] if message is not None else None
             if kind == "execute":
                 self.execute(prompt_server, executor, *message[1:])
             elif kind == "free":
@@ -123,6 +132,19 @@ class Child:
                 self.preload(*message[1:])
             elif kind == "stop":
                 return
+            need_gc = need_gc or kind in ("execute", "preload")
+            if need_gc and time.perf_counter() - last_gc > GC_INTERVAL_S:
+                self.collect()
+                need_gc, last_gc = False, time.perf_counter()
+
+    @staticmethod
+    def collect() -> None:
+        import gc
+        import comfy.model_management
+        import hook_breaker_ac10a0
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+        hook_breaker_ac10a0.restore_functions()
 
     def execute(self, prompt_server, executor, prompt, prompt_id, extra_data, outputs, sockets_metadata) -> None:
         prompt_server.begin(prompt_id, sockets_metadata)
