@@ -82,6 +82,20 @@ def servers(comfyui_dir, fixtures_dir, tmp_path_factory):
     registry.stop_all()
 
 
+@pytest.fixture
+def own_servers(servers):
+    """Start servers for one test only: stopped when it ends (the suite's RAM holds only what is shared)."""
+    started = []
+
+    def start(name: str, **kw) -> ComfyServer:
+        server = servers.start(name, **kw)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()
+
+
 # COMFY_MULTIGPU_WORKER_MODE: suites that must hold in both modes take `multi2_modes` (or `worker_env`).
 WORKER_MODES = ("thread", "process")
 PROCESS_MODE = {"COMFY_MULTIGPU_WORKER_MODE": "process"}

@@ -196,8 +196,8 @@ def test_interrupt_by_prompt_id_reaches_the_backend_that_runs_it(balancer):
     assert "execution_interrupted" in dict(entry["status"]["messages"])
 
 
-def test_a_backend_killed_mid_run_is_marked_down_avoided_and_rejoins(servers, multi2, tmp_path):
-    extra = servers.start("balanced-extra", workers=1, env={"COMFY_MULTI_GPU_SCHED": "1"})
+def test_a_backend_killed_mid_run_is_marked_down_avoided_and_rejoins(own_servers, multi2, tmp_path):
+    extra = own_servers("balanced-extra", workers=1, env={"COMFY_MULTI_GPU_SCHED": "1"})
     b = BalancerProcess([extra.url, multi2.url], tmp_path)
     try:
         assert b.get("/health")["healthy"] == 2
@@ -225,8 +225,8 @@ def test_a_backend_killed_mid_run_is_marked_down_avoided_and_rejoins(servers, mu
         b.stop()
 
 
-def test_a_submit_that_cannot_connect_is_retried_elsewhere_with_the_same_id(servers, multi2, tmp_path):
-    gone = servers.start("balanced-gone", workers=1, env={"COMFY_MULTI_GPU_SCHED": "1"})
+def test_a_submit_that_cannot_connect_is_retried_elsewhere_with_the_same_id(own_servers, multi2, tmp_path):
+    gone = own_servers("balanced-gone", workers=1, env={"COMFY_MULTI_GPU_SCHED": "1"})
     b = BalancerProcess([gone.url, multi2.url], tmp_path, extra=("--poll-interval", "30"))
     try:
         assert b.get("/health")["healthy"] == 2

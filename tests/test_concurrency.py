@@ -92,8 +92,8 @@ def test_start_up_objects_are_frozen_out_of_the_gc_and_later_garbage_is_still_fr
     assert after["gc_frozen_objects"] == housekeeping["gc_frozen_objects"]   # frozen once, at start only
 
 
-def test_gc_freeze_off_keeps_stock_full_collections(servers):
-    server = servers.start("gc-off", workers=2, env={"COMFY_MULTIGPU_GC_FREEZE": "0"})
+def test_gc_freeze_off_keeps_stock_full_collections(own_servers):
+    server = own_servers("gc-off", workers=2, env={"COMFY_MULTIGPU_GC_FREEZE": "0"})
     assert server.get("/queue/all", counts=1)["housekeeping"]["gc_frozen_objects"] == 0
     cycles = _cycles_freed_after_prompts(server, 4)
     assert cycles["freed"] == cycles["made"]

@@ -58,7 +58,9 @@ requests = st.tuples(
 def fuzzed(servers, request):
     """A 2-worker server with pools, on thread workers and on process workers in turn."""
     mode = {"COMFY_MULTIGPU_WORKER_MODE": request.param}
-    return servers.start(f"fuzz2-{request.param}", workers=2, env={"COMFY_MULTIGPU_POOLS": "fast=0;slow=1", **mode})
+    server = servers.start(f"fuzz2-{request.param}", workers=2, env={"COMFY_MULTIGPU_POOLS": "fast=0;slow=1", **mode})
+    yield server
+    server.stop()
 
 
 def _send(port: int, request) -> tuple:

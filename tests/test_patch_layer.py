@@ -244,8 +244,8 @@ def test_activation_failing_after_apply_leaves_comfyui_stock(rollback):
     assert rollback["sigterm_handler_is_the_one_from_before"]
 
 
-def test_unknown_host_shape_refuses_with_one_line_and_comfyui_runs_stock(servers):
-    server = servers.start("shape", workers=2, shape_changer=True)
+def test_unknown_host_shape_refuses_with_one_line_and_comfyui_runs_stock(own_servers):
+    server = own_servers("shape", workers=2, shape_changer=True)
     errors = [l for l in server.log().splitlines() if "comfy-multigpu" in l and "ERROR" in l]
     assert len(errors) == 1, errors
     assert "refusing to enable" in errors[0] and "get_save_image_path" in errors[0]

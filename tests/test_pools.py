@@ -12,8 +12,10 @@ POOLS = "fast=0,1;slow=2,3;vip=3;default=0,1,2"
 
 @pytest.fixture(scope="module")
 def pools4(servers):
-    return servers.start("pools4", workers=4, env={"COMFY_MULTIGPU_POOLS": POOLS,
-                                                   "COMFY_MULTIGPU_GPU_WEIGHTS": "0:2"})
+    server = servers.start("pools4", workers=4, env={"COMFY_MULTIGPU_POOLS": POOLS,
+                                                     "COMFY_MULTIGPU_GPU_WEIGHTS": "0:2"})
+    yield server
+    server.stop()
 
 
 def submit(server, prompt, gpu=None, pool=None, priority=None, **extra):

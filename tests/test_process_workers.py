@@ -101,8 +101,8 @@ def test_a_child_killed_mid_prompt_fails_that_prompt_only_and_is_replaced(multi2
     assert "[GPU 0] Process worker died (exit code -9); starting a new one" in server.log()
 
 
-def test_kill_9_of_the_main_process_takes_its_children_and_leaves_no_shared_memory(servers, fixtures_dir):
-    server = servers.start("process-crash", workers=2, env={"COMFY_MULTIGPU_WORKER_MODE": "process"})
+def test_kill_9_of_the_main_process_takes_its_children_and_leaves_no_shared_memory(own_servers, fixtures_dir):
+    server = own_servers("process-crash", workers=2, env={"COMFY_MULTIGPU_WORKER_MODE": "process"})
     answer = server.post("/preload", {"model": "tiny-sd15.safetensors", "type": "checkpoint", "gpus": [1]})
     assert answer["gpus"] == {"1": "on_device"}, answer
     ids = [server.submit(wf.txt2img(i, prefix=f"crash{i}", lora=0.5 * i), gpu=i)["prompt_id"] for i in (0, 1)]

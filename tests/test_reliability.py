@@ -53,8 +53,8 @@ def test_a_client_prompt_id_makes_retries_idempotent(multi2):
     assert multi2.get("/queue/all", counts=1)["total_pending"] == 0
 
 
-def test_a_burst_over_the_queue_cap_gets_429_and_loses_nothing_accepted(servers, worker_env):
-    capped = servers.start("capped4", workers=4, env={"COMFY_MULTIGPU_MAX_QUEUE_PER_GPU": "8", **worker_env})
+def test_a_burst_over_the_queue_cap_gets_429_and_loses_nothing_accepted(own_servers, worker_env):
+    capped = own_servers("capped4", workers=4, env={"COMFY_MULTIGPU_MAX_QUEUE_PER_GPU": "8", **worker_env})
     ids = [str(uuid.uuid4()) for _ in range(200)]
 
     def send(pid):
@@ -76,8 +76,8 @@ def test_a_burst_over_the_queue_cap_gets_429_and_loses_nothing_accepted(servers,
     print(f"\nbackpressure: 200 submits, {len(accepted)} accepted (all finished), {len(refused)} refused with 429")
 
 
-def test_retry_after_is_sent_with_429(servers):
-    capped = servers.start("capped1", workers=2, env={"COMFY_MULTIGPU_MAX_QUEUE": "2"})
+def test_retry_after_is_sent_with_429(own_servers):
+    capped = own_servers("capped1", workers=2, env={"COMFY_MULTIGPU_MAX_QUEUE": "2"})
     blockers = [post_prompt(capped, wf.sleep(3.0, i))["prompt_id"] for i in range(2)]
     req = urllib.request.Request(capped.url + "/prompt", data=json.dumps({"prompt": wf.sleep(0.1)}).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -120,8 +120,8 @@ def test_out_of_memory_on_one_gpu_frees_only_its_models_and_the_next_prompt_runs
     assert done[after]["status"]["status_str"] == "success"
 
 
-def test_a_prompt_past_the_watchdog_marks_its_gpu_unhealthy_until_it_ends(servers):
-    server = servers.start("watchdog2", workers=2, env={"COMFY_MULTIGPU_WATCHDOG": "1"})
+def test_a_prompt_past_the_watchdog_marks_its_gpu_unhealthy_until_it_ends(own_servers):
+    server = own_servers("watchdog2", workers=2, env={"COMFY_MULTIGPU_WATCHDOG": "1"})
     hung = server.submit(wf.sleep(3.0, 1), gpu=0)["prompt_id"]
     server.wait_running(hung)
     time.sleep(1.8)
@@ -135,11 +135,11 @@ def test_a_prompt_past_the_watchdog_marks_its_gpu_unhealthy_until_it_ends(server
     assert "Watchdog: a prompt has run for more than 1 s" in server.log()
 
 
-def test_kill_9_at_random_points_loses_no_accepted_prompt(servers, worker_env):
+def test_kill_9_at_random_points_loses_no_accepted_prompt(own_servers, worker_env):
     """Five kill -9 (two with process workers, whose restarts take longer) during a 50-prompt run,
     restarting each time on the same directory: every prompt (resent after each restart with its own
     id, as a client retrying would) ends in history once."""
-    server = servers.start("durable", workers=2, env=worker_env)
+    server = own_servers("durable", workers=2, env=worker_env)
     kills = 2 if worker_env else 5
     rng = random.Random(7)
     ids = [str(uuid.uuid4()) for _ in range(50)]
@@ -172,8 +172,8 @@ def test_kill_9_at_random_points_loses_no_accepted_prompt(servers, worker_env):
           f"lost 0; ran twice: {sum(runs.values()) - len(ids)}")
 
 
-def test_sigterm_drains_running_prompts_keeps_waiting_ones_and_exits_0(servers, worker_env):
-    server = servers.start("drain", workers=2, env={"COMFY_MULTIGPU_DRAIN_TIMEOUT": "30", **worker_env})
+def test_sigterm_drains_running_prompts_keeps_waiting_ones_and_exits_0(own_servers, worker_env):
+    server = own_servers("drain", workers=2, env={"COMFY_MULTIGPU_DRAIN_TIMEOUT": "30", **worker_env})
     running = [post_prompt(server, wf.record(f"run{g}", 2.0), headers={"X-TARGET-GPU": str(g)})["prompt_id"]
                for g in (0, 1)]
     for pid in running:

@@ -60,10 +60,10 @@ def run_everywhere(server, gpus, seed=1):
 
 
 @pytest.mark.parametrize("sharing", ["on", "off"])
-def test_rss_after_4_workers_ran_the_checkpoint(servers, sharing):
+def test_rss_after_4_workers_ran_the_checkpoint(own_servers, sharing):
     """Shared: 4 workers cost at most 15% of the file more than 1. Off: the growth it prevents."""
     env = {} if sharing == "on" else {"COMFY_MULTIGPU_RAM_CACHE": "off"}
-    server = servers.start(f"rss-{sharing}", workers=4, env=env)
+    server = own_servers(f"rss-{sharing}", workers=4, env=env)
     try:
         size = checkpoint_size(server)
         with OpenCounter(str(server.base / "models" / "checkpoints" / wf.CHECKPOINT)) as opens:
@@ -189,8 +189,8 @@ def test_preload_refuses_what_does_not_exist(shared4, body, kind, field):
         assert wf.CHECKPOINT in error["extra_info"]["valid"]
 
 
-def test_over_budget_the_least_recently_used_unused_file_is_evicted(servers):
-    server = servers.start("evict", workers=2, env={"COMFY_MULTIGPU_RAM_CACHE": "1000MB"})
+def test_over_budget_the_least_recently_used_unused_file_is_evicted(own_servers):
+    server = own_servers("evict", workers=2, env={"COMFY_MULTIGPU_RAM_CACHE": "1000MB"})
     try:
         folder = server.base / "models" / "checkpoints"
         shutil.copyfile(folder / wf.CHECKPOINT, folder / "second.safetensors")

@@ -48,7 +48,11 @@ async def reconnect_mid_prompt(base_url, server):
         async with session.ws_connect(f"{base_url}/ws?clientId=comesback") as first:
             await first.receive()
             pid = (await asyncio.to_thread(server.submit, wf.sleep(3.0, 5), 1, "comesback"))["prompt_id"]
-            await asyncio.to_thread(server.wait_running, pid)
+            while True:                  # mid-prompt: its node runs (in a process worker's child, too)
+                msg = await asyncio.wait_for(first.receive(), 30)
+                event = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {}
+                if event.get("type") == "executing" and event["data"].get("node") == "1":
+                    break
         async with session.ws_connect(f"{base_url}/ws?clientId=comesback") as again:
             messages = [json.loads((await asyncio.wait_for(again.receive(), 5)).data) for _ in range(2)]
         await asyncio.to_thread(server.post, "/interrupt", {"prompt_id": pid})
