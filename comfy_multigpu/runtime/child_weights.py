@@ -18,7 +18,7 @@ import weakref
 from typing import Any, Callable, Hashable
 
 from . import shared_segments, weight_views
-from .weights import _weakly_referable, file_identity, holding
+from .weights import _referable, _weakly_referable, file_identity, holding
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -144,12 +144,3 @@ class ChildSaveNames:
         self._holding = False
         self.send(("note", "names_release"))
 
-
-def _referable(obj: Any) -> bool:
-    if obj is None:
-        return False
-    try:
-        weakref.ref(obj)
-    except TypeError:
-        return False
-    return True
