@@ -116,6 +116,10 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
                           Limits(settings.max_queue_per_gpu, settings.max_queue), settings.watchdog,
                           settings.drain_timeout, settings.gc_freeze, spawn)
     pool = WorkerPool(((torch.device(label), label) for label in settings.devices), options, weights=weights)
+    member = None
+    if settings.fleet is not None:
+        from .fleet.member import FleetMember
+        member = FleetMember.join(settings.fleet, pool)     # before the queue swap: every route sees it
     patchset = patching.PatchSet(specs, pool)
     problems = patchset.problems()
     if problems:
@@ -126,7 +130,8 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     srv = server.PromptServer.instance
     wiring = _Wiring(srv)
     try:
-        journal_text = _open_journal(settings, pool)
+        journal_text = (_open_journal(settings, pool) if member is None else
+                        "journal: the fleet queue (Redis, append-only file) holds every accepted prompt")
         pool.observe(Metrics(pool))
         queue = srv.prompt_queue
         wiring.add_middleware(api_middleware.make_middleware(queue, api_routes.OVERRIDES))
@@ -134,6 +139,8 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
         ext = Extension(settings, pool, patchset, version)
         srv.app[EXTENSION_KEY] = ext
         pool.start_hooks.append(lambda _server: _verify_in_place(ext))
+        if member is not None:
+            pool.start_hooks.append(lambda server: member.start(server, queue.interrupt_here))
         wiring.add_task(srv.loop.create_task(dashboard.publisher(pool)))
     except BaseException:
         wiring.undo()
@@ -147,6 +154,12 @@ def _activate(env: Mapping[str, str]) -> Optional[Extension]:
     if process_mode:
         import atexit
         atexit.register(pool.stop_children)
+    if member is not None:
+        import atexit
+        atexit.register(member.stop)
+        logger.info("comfy-multigpu: FLEET member %r (%s, reached at %s); prompts wait in Redis and run on "
+                    "whichever machine's GPU takes them first", settings.fleet.node, settings.fleet.safe_url,
+                    member.node_url)
     logger.info("comfy-multigpu: %s", _mode_text(settings, len(pool)))
     logger.info("comfy-multigpu: ComfyUI %s, %d workers on %s (%s); %s; %d patches applied: %s%s",
                 version, len(pool), ", ".join(settings.devices), settings.reason,

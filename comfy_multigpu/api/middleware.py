@@ -18,6 +18,7 @@ from ..policy import errors, routing
 from ..policy.errors import ApiError
 from ..runtime.context import current_request
 from ..runtime.scheduler import DuplicatePrompt
+from . import fleet_http
 from .scope import read_scope, route_path
 
 logger = logging.getLogger("comfy_multigpu")
@@ -87,9 +88,14 @@ def make_middleware(queue, overrides: Mapping[tuple, Override]):
             if override is not None:
                 return await override(request, queue, data)
             response = await _stock(request, handler, method, path)
+            if pool.fleet is not None:
+                response = await fleet_http.after_stock(request, path, response, pool.fleet)
             if placing and scope.placed_gpu is not None:
                 return amended(response, gpu_id=scope.placed_gpu, number=scope.placed_number,
                                gpu_pool=scope.placed_pool)
+            if placing and scope.placed_fleet is not None:
+                return amended(response, gpu_id=scope.placed_gpu, number=scope.placed_number,
+                               gpu_pool=scope.placed_pool, fleet=scope.placed_fleet)
             if (method, path) == ("GET", "/queue") and scope.target is not None:
                 return amended(response, gpu_id=scope.target)
             return response

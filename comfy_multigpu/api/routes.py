@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..policy import errors
 from ..runtime import preload
-from . import dashboard
+from . import dashboard, fleet_http
 from .middleware import error_response
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ OVERRIDES = {("POST", "/interrupt"): post_interrupt}
 
 def add_routes(routes: web.RouteTableDef, queue: MultiQueue) -> None:
     pool = queue.pool
+    fleet_http.add_routes(routes, pool)
 
     @routes.get("/queue/all")
     async def get_queue_all(request: web.Request) -> web.Response:
@@ -56,8 +57,11 @@ def add_routes(routes: web.RouteTableDef, queue: MultiQueue) -> None:
     @routes.get("/multigpu/health")
     async def get_health(request: web.Request) -> web.Response:
         """Liveness: the process and its event loop answer."""
-        return web.json_response({"status": "draining" if pool.draining else "ok",
-                                  "workers": len(pool), "workers_up": sum(1 for w in pool.workers if not w.down)})
+        answer = {"status": "draining" if pool.draining else "ok",
+                  "workers": len(pool), "workers_up": sum(1 for w in pool.workers if not w.down)}
+        if pool.fleet is not None:
+            answer["fleet"] = {"node": pool.fleet.settings.node, "redis_reachable": pool.fleet.reachable}
+        return web.json_response(answer)
 
     @routes.get("/multigpu/ready")
     async def get_ready(request: web.Request) -> web.Response:
@@ -69,8 +73,14 @@ def add_routes(routes: web.RouteTableDef, queue: MultiQueue) -> None:
                  "running": len(q.running), "pending": q.pending_count, "restarts": w.restarts}
                 for w, q in zip(pool.workers, snap.gpus)]
         ready = any(g["ready"] for g in gpus)
-        return web.json_response({"ready": ready, "draining": snap.draining, "gpus": gpus},
-                                 status=200 if ready else 503)
+        answer = {"ready": ready, "draining": snap.draining, "gpus": gpus}
+        if pool.fleet is not None:      # a member that cannot reach the queue can take no work
+            reachable = await asyncio.to_thread(pool.fleet.store.ping)
+            answer["fleet"] = {"node": pool.fleet.settings.node, "redis_reachable": reachable}
+            if not reachable:
+                answer["ready"] = ready = False
+                answer["reason"] = "the fleet queue (Redis) cannot be reached"
+        return web.json_response(answer, status=200 if ready else 503)
 
     @routes.get("/metrics")
     async def get_metrics(request: web.Request) -> web.Response:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..policy import admission, routing
+from ..policy import admission, fleet_lanes, routing
 from ..runtime.context import RequestScope
 
 
@@ -31,9 +31,31 @@ def read_scope(request: web.Request, pool, placing: bool) -> RequestScope:
     """The request's RequestScope; raises routing.RequestError (400) for a bad header, ApiError (503)
     for a prompt sent while the server drains."""
     down = frozenset(w.gpu_id for w in pool.workers if w.down) if placing else frozenset()
-    target = routing.parse_target(request.headers.get(routing.HEADER), len(pool), down)
+    node, remote_gpu = (fleet_target(request, pool) if placing and pool.fleet is not None else (None, None))
+    raw_gpu = request.headers.get(routing.HEADER)
+    target = routing.parse_target(raw_gpu if node is None or node == pool.fleet.settings.node else None,
+                                  len(pool), down)
     headers = prompt_headers(request, pool.pools) if placing else {}
+    if placing and pool.fleet is not None:
+        headers["Idempotency-Key"] = (request.headers.get("Idempotency-Key") or "").strip()[:200]
     if placing and pool.draining:
         raise admission.draining_refusal(pool.scheduler.mean_run_s)
     dashboard = route_path(request) == "/ws" and request.rel_url.query.get("multigpu") == "1"
-    return RequestScope(target=target, headers=headers, dashboard=dashboard)
+    return RequestScope(target=target, headers=headers, dashboard=dashboard, node=node, remote_gpu=remote_gpu)
+
+
+def fleet_target(request: web.Request, pool) -> tuple:
+    """X-TARGET-NODE (and X-TARGET-GPU meaning a GPU of that machine, when it is another one) of a
+    fleet member's POST /prompt; the GPU is checked against what that machine registered."""
+    fleet = pool.fleet
+    node = fleet_lanes.parse_target_node(request.headers.get(fleet_lanes.NODE_HEADER),
+                                         fleet.known_machines())
+    raw = request.headers.get(routing.HEADER)
+    if node is None or node == fleet.settings.node or raw is None:
+        return node, None
+    gpus = fleet.known_machines().get(node, {}).get("gpus")
+    count = len(gpus) if gpus is not None else 1 << 16
+    gpu = routing.parse_target(raw, count)
+    if gpus is not None and gpu is None:
+        return node, None
+    return node, gpu

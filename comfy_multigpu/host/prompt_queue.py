@@ -8,9 +8,10 @@ without it, on all GPUs (merged views). It holds no queue state of its own.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable
 
-from ..policy import placement, routing, sequence_split
+from ..policy import fleet_lanes, placement, routing, sequence_split
 from ..runtime.context import current_request, request_target
 from ..runtime.pool import WorkerPool
 from ..runtime.prompt import QueuedPrompt
@@ -44,10 +45,25 @@ class MultiQueue:
         number = placement.queue_number(number, where.priority)
         prompt = QueuedPrompt.from_stock((number,) + tuple(item[1:]), target=where.target, pool=where.pool,
                                          eligible=where.eligible, priority=where.priority)
+        if self.pool.fleet is not None:
+            return self._put_fleet(prompt, scope, where, body)
         gpu = self.scheduler.admit(prompt)
         if scope is not None:
             scope.placed_gpu, scope.placed_pool, scope.placed_number = gpu, where.pool, number
         return gpu
+
+    def _put_fleet(self, prompt: QueuedPrompt, scope, where, body: dict) -> int:
+        """Into the fleet's queue: X-TARGET-GPU means a GPU of this machine, X-TARGET-NODE a machine."""
+        headers = scope.headers if scope is not None else {}
+        node = scope.node if scope is not None else None
+        if node is not None and node != self.pool.fleet.settings.node:
+            prompt = dataclasses.replace(prompt, target=scope.remote_gpu, pool=None, eligible=None)
+        placed = self.scheduler.admit(prompt, node=node, front=bool(body.get("front")),
+                                      idempotency_key=headers.get("Idempotency-Key", ""))
+        if scope is not None:
+            scope.placed_gpu, scope.placed_pool, scope.placed_number = placed.gpu, where.pool, placed.number
+            scope.placed_fleet = placed.where()
+        return placed.gpu if placed.gpu is not None else -1
 
     def _with_sequence_parallel(self, item: tuple, scope, where) -> tuple:
         """X-SEQUENCE-PARALLEL: N (or auto: every GPU of the prompt's pool that is up) GPUs per image."""
@@ -85,7 +101,19 @@ class MultiQueue:
 
     def interrupt_if_running(self, prompt_id: str) -> bool:
         """Interrupt only the worker running `prompt_id` (by its lease: a prompt that already ended
-        is not interrupted, and neither is the next one on that GPU)."""
+        is not interrupted, and neither is the next one on that GPU); in a fleet, wherever it runs."""
+        if self.interrupt_here(prompt_id):
+            return True
+        fleet = self.pool.fleet
+        if fleet is not None and fleet.relay is not None:
+            known = self.scheduler.locate(prompt_id)
+            if known is not None and known[0] == "running":
+                fleet.relay.interrupt(prompt_id)
+                return True
+        return False
+
+    def interrupt_here(self, prompt_id: str) -> bool:
+        """Interrupt `prompt_id` if one of this machine's workers runs it."""
         for worker in self.pool.workers:
             lease = worker.lease
             if lease is not None and lease.prompt_id == prompt_id and not lease.ended.is_set():

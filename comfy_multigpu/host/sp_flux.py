@@ -18,7 +18,7 @@ changed); transformer_options dicts are copied, never modified in place.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -117,25 +117,30 @@ def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep,
     if given, runs rank 0 instead of models[0]._forward (the rest of a wrapper chain); `workers[r]`,
     if given, is the GPU worker rank r runs for (its thread sees that worker's device). Returns (rank
     0's output on rank 0's device, the RankGroup, which counted the exchanges)."""
-    group = RankGroup(devices)
-    transformer_options = transformer_options or {}
     last_single = len(models[0].single_blocks) - 1
+    return run_forward(models, devices, (x, timestep, context, y, guidance, ref_latents, None), kwargs,
+                       lambda group, rank: _Rank(group, rank).options(transformer_options or {}, last_single),
+                       first=first, workers=workers)
 
-    def move(value, device):
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, list):
-            return [move(v, device) for v in value]
-        return value
+
+def run_forward(models: Sequence[Any], devices: Sequence[Any], args: tuple, kwargs: dict,
+                options: Callable[[RankGroup, int], dict], first=None, workers: Optional[Sequence[Any]] = None):
+    """The rank launch of every model family: on rank r, models[r]._forward(*args, options(group, r),
+    **kwargs) with its tensors (and lists of them) on devices[r] (rank 0: `first` instead, if given).
+    Returns (rank 0's output, the RankGroup)."""
+    group = RankGroup(devices)
 
     def work(rank: int):
-        if workers is not None and rank > 0:
-            from ..runtime.context import current_worker
-            current_worker.set(workers[rank])
         device = group.devices[rank]
-        opts = _Rank(group, rank).options(transformer_options, last_single)
-        call = (first if rank == 0 and first is not None else models[rank]._forward)
-        return call(move(x, device), move(timestep, device), move(context, device), move(y, device),
-                    move(guidance, device), move(ref_latents, device), None, opts,
-                    **{k: move(v, device) for k, v in kwargs.items()})
-    return run_ranks(group, work), group
+        call = first if rank == 0 and first is not None else models[rank]._forward
+        return call(*(_move(a, device) for a in args), options(group, rank),
+                    **{k: _move(v, device) for k, v in kwargs.items()})
+    return run_ranks(group, work, workers), group
+
+
+def _move(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    return value

@@ -27,6 +27,17 @@ logger = logging.getLogger("comfy_multigpu")
 WRAPPER_KEY = "comfy_multigpu.sequence_parallel"
 
 
+def leased_workers() -> list:
+    """The GPU workers of the calling worker's lease, rank 0 first ([the worker] outside a lease, []
+    outside any worker): where a sequence-parallel forward or VAE decode may run."""
+    worker = current_worker.get()
+    lease = getattr(worker, "lease", None)
+    pool = getattr(worker, "pool", None)
+    if lease is None or pool is None:
+        return [worker] if worker is not None else []
+    return [pool.workers[g] for g in lease.gpu_ids]
+
+
 class SequenceParallelWrapper:
     """WrappersMP.DIFFUSION_MODEL wrapper: the forward on the lease's GPUs, or one with a reason."""
 
@@ -80,13 +91,9 @@ class SequenceParallelWrapper:
             note["forwards"] = note.get("forwards", 0) + 1
             note["exchanges"] = note.get("exchanges", 0) + group.exchanges
 
-    def _leased_workers(self) -> list:
-        worker = current_worker.get()
-        lease = getattr(worker, "lease", None)
-        pool = getattr(worker, "pool", None)
-        if lease is None or pool is None:
-            return [worker] if worker is not None else []
-        return [pool.workers[g] for g in lease.gpu_ids]
+    @staticmethod
+    def _leased_workers() -> list:
+        return leased_workers()
 
     def _why_one(self, workers: list) -> Optional[str]:
         if self.gpus < 2:

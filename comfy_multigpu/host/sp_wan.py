@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..policy.sequence_split import fallback_reason
-from ..runtime.rank_group import RankGroup, run_ranks
-from .sp_flux import _Rank
+from ..runtime.rank_group import RankGroup
+from .sp_flux import _Rank, run_forward
 
 EXTRA_INPUTS = ("reference_latent", "context_latents", "audio_embed", "vace_context", "camera_conditions")
 
@@ -95,20 +95,7 @@ def parallel_forward_wan(models: Sequence[Any], devices: Sequence[Any], x, times
                          time_dim_concat=None, transformer_options: Optional[dict] = None, first=None,
                          workers: Optional[Sequence[Any]] = None, **kwargs):
     """WanModel._forward over len(models) ranks (see sp_flux.parallel_forward)."""
-    group = RankGroup(devices)
-    transformer_options = transformer_options or {}
     blocks = len(models[0].blocks)
-
-    def move(value, device):
-        return value.to(device) if isinstance(value, torch.Tensor) else value
-
-    def work(rank: int):
-        if workers is not None and rank > 0:
-            from ..runtime.context import current_worker
-            current_worker.set(workers[rank])
-        device = group.devices[rank]
-        opts = _WanRank(group, rank, blocks).wan_options(transformer_options)
-        call = first if rank == 0 and first is not None else models[rank]._forward
-        return call(move(x, device), move(timestep, device), move(context, device), move(clip_fea, device),
-                    move(time_dim_concat, device), opts, **{k: move(v, device) for k, v in kwargs.items()})
-    return run_ranks(group, work), group
+    return run_forward(models, devices, (x, timestep, context, clip_fea, time_dim_concat), kwargs,
+                       lambda group, rank: _WanRank(group, rank, blocks).wan_options(transformer_options or {}),
+                       first=first, workers=workers)

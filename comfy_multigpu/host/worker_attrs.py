@@ -1,4 +1,5 @@
-"""Per-worker attributes on host objects (PromptServer, ComfyUI's args) via subclass-and-swap.
+"""Per-worker attributes on host objects (PromptServer, ComfyUI's args) via subclass-and-swap; in a
+fleet, events for a client connected to another machine go to the fleet's event relay.
 
 Host objects touched: server.PromptServer.instance (client_id, last_node_id, last_prompt_id, the
 `status` broadcast) and comfy.cli_args.args (preview_method, written by latent_preview.set_preview_method).
@@ -61,6 +62,18 @@ def make_server_class(original_cls, pool):
                     node = worker.host_state.attrs.get("last_node_id")
                     if worker.host_state.attrs.get("client_id") == sid and node is not None:
                         await original_cls.send(self, "executing", {"node": node}, sid)
+
+        async def send_json(self, event, data, sid=None):
+            if sid is not None and sid not in self.sockets and pool.fleet is not None and pool.fleet.relay:
+                pool.fleet.relay.outgoing(event, data, sid)      # its socket is on another machine
+                return
+            await original_cls.send_json(self, event, data, sid)
+
+        async def send_bytes(self, event, data, sid=None):
+            if sid is not None and sid not in self.sockets and pool.fleet is not None and pool.fleet.relay:
+                pool.fleet.relay.outgoing(event, data, sid)
+                return
+            await original_cls.send_bytes(self, event, data, sid)
 
         def send_sync(self, event, data, sid=None):
             worker = current_worker.get()

@@ -3,7 +3,8 @@ plus `gpus` and `strategy` where they apply, so a FLUX workflow switches to seve
 swapping node types and nothing else. The model is patched with SequenceParallel (host/sp_nodes.py);
 `gpus` makes the prompt lease that many workers (policy/sequence_split.requested_ranks) and `strategy`
 how the others are chosen (order_gang). The VAE and text-encoder loaders are the stock loaders under
-the seed's names (the text encoders run once per prompt; the VAE on rank 0).
+the seed's names (the text encoders run once per prompt); the VAE loader's optional decode_tile_size
+makes VAEDecode a tiled decode spread over the prompt's GPUs (host/sp_vae.py).
 
 Host objects touched: nodes.CheckpointLoaderSimple / UNETLoader / KSampler / VAELoader / CLIPLoader /
 DualCLIPLoader (their INPUT_TYPES and functions, called, never changed), nodes.common_ksampler.
@@ -88,43 +89,47 @@ class XDiTKSampler(_DropIn):
                                      latent_image, denoise=denoise)
 
 
-class XDiTVAELoader(_DropIn):
-    STOCK = "VAELoader"
-    RETURN_TYPES = ("VAE",)
-    FUNCTION = "load_vae"
+def _renamed_stock(name: str, stock: str, function: str, returns: tuple, doc: str) -> type:
+    """A drop-in that is the stock node `stock` under the seed's name: its inputs, its function."""
+    def load(self, **kwargs):
+        return getattr(self.stock()(), function)(**kwargs)
+    return type(name, (_DropIn,), {"__doc__": doc, "__module__": __name__, "STOCK": stock, "RETURN_TYPES": returns,
+                                   "FUNCTION": function, function: load,
+                                   "INPUT_TYPES": classmethod(lambda cls: cls.stock().INPUT_TYPES())})
+
+
+XDiTCLIPLoader = _renamed_stock("XDiTCLIPLoader", "CLIPLoader", "load_clip", ("CLIP",),
+                                "CLIPLoader (text encoders run once per prompt, on rank 0).")
+XDiTDualCLIPLoader = _renamed_stock("XDiTDualCLIPLoader", "DualCLIPLoader", "load_clip", ("CLIP",),
+                                    "DualCLIPLoader (text encoders run once per prompt, on rank 0).")
+
+DECODE_TILES = {
+    "decode_tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 32, "advanced": True,
+                                 "tooltip": "0: VAEDecode decodes the whole image on the first GPU, as stock. "
+                                            "More: VAEDecode decodes as VAEDecodeTiled with these tile settings, "
+                                            "its tiles spread over the prompt's GPUs (VAEDecodeTiled always is)"}),
+    "decode_overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32, "advanced": True}),
+    "decode_temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4, "advanced": True}),
+    "decode_temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4, "advanced": True}),
+}
+
+
+class XDiTVAELoader(_renamed_stock("XDiTVAELoaderBase", "VAELoader", "load_vae", ("VAE",), "")):
+    """VAELoader; with decode_tile_size set, its VAE's plain decode is the tiled decode over the
+    prompt's GPUs (host/sp_vae.py), so the seed's workflows (XDiTVAELoader -> VAEDecode) opt in here."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return cls.stock().INPUT_TYPES()
+        types = super().INPUT_TYPES()
+        return {**types, "optional": {**types.get("optional", {}), **DECODE_TILES}}
 
-    def load_vae(self, **kwargs):
-        return self.stock()().load_vae(**kwargs)
-
-
-class XDiTCLIPLoader(_DropIn):
-    STOCK = "CLIPLoader"
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load_clip"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return cls.stock().INPUT_TYPES()
-
-    def load_clip(self, **kwargs):
-        return self.stock()().load_clip(**kwargs)
-
-
-class XDiTDualCLIPLoader(_DropIn):
-    STOCK = "DualCLIPLoader"
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load_clip"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return cls.stock().INPUT_TYPES()
-
-    def load_clip(self, **kwargs):
-        return self.stock()().load_clip(**kwargs)
+    def load_vae(self, decode_tile_size=0, decode_overlap=64, decode_temporal_size=64, decode_temporal_overlap=8,
+                 **kwargs):
+        vae = super().load_vae(**kwargs)[0]
+        if decode_tile_size <= 0:
+            return (vae,)
+        from .sp_vae import with_tiled_decode
+        return (with_tiled_decode(vae, decode_tile_size, decode_overlap, decode_temporal_size, decode_temporal_overlap),)
 
 
 NODES = (XDiTCheckpointLoader, XDiTUNetLoader, XDiTKSampler, XDiTVAELoader, XDiTCLIPLoader, XDiTDualCLIPLoader)

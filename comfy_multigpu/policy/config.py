@@ -28,14 +28,23 @@ Rules (docs/configuration.md repeats them for users):
 - COMFY_MULTIGPU_GC_FREEZE: "1"/"on" (default) freezes what start-up allocated out of Python's cyclic
   garbage collector (gc.freeze), so the periodic full collection every worker waits on scans only
   newer objects; "0"/"off" keeps stock's full scans.
+- COMFY_MULTIGPU_FLEET=redis://[user:password@]host:port/db (or rediss://) makes this server a member of
+  a fleet sharing one durable queue (docs/fleet.md); unset: no fleet, no connection. Its companions:
+  COMFY_MULTIGPU_NODE_NAME (this machine's name, default the host name), COMFY_MULTIGPU_NODE_URL (where
+  the others reach it), COMFY_MULTIGPU_FLEET_ATTEMPTS (starts before a prompt fails, 3),
+  COMFY_MULTIGPU_FLEET_LEASE (seconds without renewal before a running prompt runs elsewhere, 30),
+  COMFY_MULTIGPU_FLEET_STEAL_DELAY (seconds a model's prompts wait for a GPU holding it, 2) and
+  COMFY_MULTIGPU_FLEET_ABSENT_TIMEOUT (seconds a prompt pinned to an absent machine waits, 120).
 """
 from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Optional
 
+from . import fleet_lanes
 from .eviction import BudgetError, parse_ram_budget
 
 ENV_SCHED = "COMFY_MULTI_GPU_SCHED"
@@ -53,6 +62,13 @@ ENV_RAM_CACHE = "COMFY_MULTIGPU_RAM_CACHE"
 ENV_MALLOC_ARENAS = "COMFY_MULTIGPU_MALLOC_ARENAS"
 ENV_GC_FREEZE = "COMFY_MULTIGPU_GC_FREEZE"
 ENV_WORKER_MODE = "COMFY_MULTIGPU_WORKER_MODE"
+ENV_FLEET = "COMFY_MULTIGPU_FLEET"                 # redis://[user:password@]host:port/db: a fleet member
+ENV_NODE_NAME = "COMFY_MULTIGPU_NODE_NAME"         # this machine's name in the fleet (default: host name)
+ENV_NODE_URL = "COMFY_MULTIGPU_NODE_URL"           # where other machines reach this one (default: its listen address)
+ENV_FLEET_ATTEMPTS = "COMFY_MULTIGPU_FLEET_ATTEMPTS"
+ENV_FLEET_LEASE = "COMFY_MULTIGPU_FLEET_LEASE"
+ENV_FLEET_STEAL = "COMFY_MULTIGPU_FLEET_STEAL_DELAY"
+ENV_FLEET_ABSENT = "COMFY_MULTIGPU_FLEET_ABSENT_TIMEOUT"
 ENV_CHILD = "COMFY_MULTIGPU_CHILD_GPU"   # set by the main process in a process worker's child: its GPU id
 MALLOC_ARENAS = 2
 
@@ -86,6 +102,23 @@ class Settings:
     malloc_arenas: int = MALLOC_ARENAS
     gc_freeze: bool = True
     worker_mode: str = "thread"        # thread: workers are threads; process: each runs a child process
+    fleet: Optional["FleetSettings"] = None   # a member of a fleet (COMFY_MULTIGPU_FLEET), else None
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    url: str                           # redis:// or rediss:// URL of the fleet's queue
+    node: str                          # this machine's name
+    node_url: str = ""                 # base URL other machines reach it at ("": from ComfyUI's listen/port)
+    attempts: int = 3                  # starts of one prompt before it fails
+    lease_s: float = 30.0              # a running prompt not renewed for this long runs elsewhere
+    steal_s: float = 2.0               # a model's prompts wait this long for a GPU that holds the model
+    absent_s: float = 120.0            # a prompt pinned to a machine that is not up fails after this
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password (for logs)."""
+        return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.url)
 
 
 def _parse_sched(env: Mapping[str, str]) -> str:
@@ -253,7 +286,8 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
                  "drain_timeout": _seconds(env, ENV_DRAIN_TIMEOUT, 600.0),
                  "watchdog": _seconds(env, ENV_WATCHDOG, 0.0), "journal": env.get(ENV_JOURNAL, "").strip(),
                  "ram_cache": _ram_cache(env), "malloc_arenas": _whole(env, ENV_MALLOC_ARENAS, MALLOC_ARENAS),
-                 "gc_freeze": _switch(env, ENV_GC_FREEZE, True), "worker_mode": _worker_mode(env)}
+                 "gc_freeze": _switch(env, ENV_GC_FREEZE, True), "worker_mode": _worker_mode(env),
+                 "fleet": _fleet(env)}
     if sched == "on":
         return Settings(True, devices, f"{ENV_SCHED}=1", **options)
     if len(devices) > 1:
@@ -269,6 +303,31 @@ def _worker_mode(env: Mapping[str, str]) -> str:
         return "process"
     raise ConfigError(f"{ENV_WORKER_MODE}={env[ENV_WORKER_MODE]!r} is not a worker mode; use thread (one "
                       f"process, the default) or process (a child process per GPU)")
+
+
+def _fleet(env: Mapping[str, str]) -> Optional[FleetSettings]:
+    """COMFY_MULTIGPU_FLEET and its companions; None (no fleet, no connection) when unset."""
+    url = env.get(ENV_FLEET, "").strip()
+    if not url:
+        return None
+    if not re.match(r"^rediss?://[^/\s]*(/\d+)?$", url) or re.match(r"^rediss?:///?$", url):
+        raise ConfigError(f"{ENV_FLEET}={url!r} is not a Redis URL; use redis://[user:password@]host:port/db "
+                          f"(or rediss:// for TLS)")
+    node = env.get(ENV_NODE_NAME, "").strip() or socket.gethostname().split(".")[0]
+    problem = fleet_lanes.node_name_problem(node)
+    if problem:
+        raise ConfigError(f"{ENV_NODE_NAME}: {problem}")
+    node_url = env.get(ENV_NODE_URL, "").strip().rstrip("/")
+    if node_url and not re.match(r"^https?://[^/\s]+$", node_url):
+        raise ConfigError(f"{ENV_NODE_URL}={node_url!r} is not a base URL; use http://host:port")
+    attempts = _whole(env, ENV_FLEET_ATTEMPTS, 3)
+    if attempts < 1:
+        raise ConfigError(f"{ENV_FLEET_ATTEMPTS}={attempts} must be 1 or more (starts of one prompt)")
+    lease = _seconds(env, ENV_FLEET_LEASE, 30.0)
+    if lease < 1.0:
+        raise ConfigError(f"{ENV_FLEET_LEASE}={lease} must be at least 1 second")
+    return FleetSettings(url, node, node_url, attempts, lease, _seconds(env, ENV_FLEET_STEAL, 2.0),
+                         _seconds(env, ENV_FLEET_ABSENT, 120.0))
 
 
 def cuda_count_without_torch(env: Mapping[str, str] = os.environ, proc_root: str = "/proc") -> int:

@@ -157,8 +157,7 @@ class ChildProcess:
                 self.store.failed(gpu, *args)
                 return None, ()
             if name == "names_reserve":
-                self.worker.pool.save_names.reserve(gpu, args[0])
-                return None, ()
+                return self.worker.pool.save_names.reserve(gpu, tuple(args[0])), ()
             return ValueError(f"unknown call {name!r}"), ()
         except Exception as ex:
             logger.warning("[GPU %s] call %s from the process worker failed", gpu, name, exc_info=True)

@@ -133,9 +133,10 @@ class ChildSaveNames:
         self.send = send
         self._holding = False
 
-    def reserve(self, gpu_id: int, key: tuple) -> None:
-        self.call("names_reserve", key)
+    def reserve(self, gpu_id: int, key: tuple):
+        floor, _fds = self.call("names_reserve", key)
         self._holding = True
+        return floor
 
     def holds_any(self, gpu_id: int) -> bool:
         return self._holding

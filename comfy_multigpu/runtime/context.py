@@ -28,6 +28,9 @@ class RequestScope:
     placed_number: Optional[float] = None
     dashboard: bool = False            # GET /ws?multigpu=1: the socket subscribes to multigpu_state
     body: dict = field(default_factory=dict)   # the checked JSON body (POST /prompt: "number", "front")
+    node: Optional[str] = None         # fleet: X-TARGET-NODE, the machine a prompt is pinned to
+    remote_gpu: Optional[int] = None   # fleet: X-TARGET-GPU of that machine (when it is not this one)
+    placed_fleet: Optional[dict] = None   # fleet: where an admitted prompt may run
 
 
 current_request: contextvars.ContextVar[Optional[RequestScope]] = contextvars.ContextVar(

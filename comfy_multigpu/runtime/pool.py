@@ -52,6 +52,7 @@ class WorkerPool:
         self.scheduler = LocalScheduler(self.workers, options.pools, options.max_overtakes, options.limits,
                                         journal, on_change=self._queue_updated,
                                         max_gang=1 if options.spawn is not None else 0)
+        self.fleet = None                          # fleet.member.FleetMember of a fleet member, else None
         self.server = None                         # ComfyUI's PromptServer, from launch()
         self.board = Board()                       # dashboard: live progress, subscribers
         self.save_names = SaveNames()

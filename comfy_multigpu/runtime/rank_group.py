@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 EXCHANGE_TIMEOUT_S = 300.0
 
@@ -52,6 +52,11 @@ class RankGroup:
     def abort(self) -> None:
         self._barrier.abort()
 
+    @property
+    def aborted(self) -> bool:
+        """A rank failed: work that does not meet at a barrier (VAE tiles) checks this between pieces."""
+        return self._barrier.broken
+
     def _wait(self) -> None:
         try:
             self._barrier.wait()
@@ -63,14 +68,19 @@ def _onto(tensor, device):
     return tensor if tensor.device == device else tensor.to(device)
 
 
-def run_ranks(group: RankGroup, work: Callable[[int], Any]) -> Any:
+def run_ranks(group: RankGroup, work: Callable[[int], Any], workers: Optional[Sequence[Any]] = None) -> Any:
     """work(rank) on every rank at once (rank 0 in the calling thread, so its context, e.g. the
-    worker, stays); returns rank 0's result. The first error aborts the group and is raised."""
+    worker, stays); returns rank 0's result. `workers[r]`, if given, is the GPU worker rank r runs
+    for (its thread's current_worker, so it sees that worker's device). The first error aborts the
+    group and is raised."""
     results: list = [None] * group.size
     errors: list = []
 
     def run(rank: int) -> None:
         try:
+            if workers is not None and rank > 0:
+                from .context import current_worker
+                current_worker.set(workers[rank])
             results[rank] = work(rank)
         except BaseException as ex:          # noqa: B036 - every rank must learn of it
             if not isinstance(ex, RankAborted):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Optional
 
 logger = logging.getLogger("comfy_multigpu")
 
@@ -20,9 +21,12 @@ class SaveNames:
         self._cond = threading.Condition(threading.Lock())
         self._owner: dict[tuple, int] = {}          # (folder, name) -> GPU numbering files under it
         self._held: dict[int, set] = {}             # GPU -> keys it holds
+        self._after: dict[int, list] = {}           # GPU -> callables to run at its release
+        self.fleet = None                           # fleet.files.FleetNames of a fleet member
 
-    def reserve(self, gpu_id: int, key: tuple) -> None:
-        """Wait until no other worker is numbering files under `key`, then hold it until `release`."""
+    def reserve(self, gpu_id: int, key: tuple) -> Optional[int]:
+        """Wait until no other worker is numbering files under `key`, then hold it until `release`.
+        In a fleet, returns the number to save from (a block no other machine uses), else None."""
         deadline = time.monotonic() + self.wait_s
         with self._cond:
             while self._owner.get(key, gpu_id) != gpu_id:
@@ -34,11 +38,31 @@ class SaveNames:
                 self._cond.wait(left)
             self._owner[key] = gpu_id
             self._held.setdefault(gpu_id, set()).add(key)
+        fleet = self.fleet
+        if fleet is None:
+            return None
+        from ..fleet.files import local_next
+        folder, filename = key
+        start = fleet.reserve(folder, filename, local_next(folder, filename))
+        self.on_release(gpu_id, lambda: fleet.release(folder, filename))
+        return start
 
     def holds_any(self, gpu_id: int) -> bool:
         return bool(self._held.get(gpu_id))
 
+    def on_release(self, gpu_id: int, action) -> None:
+        """Run `action` when `gpu_id` releases its names (before another worker may number them)."""
+        with self._cond:
+            self._after.setdefault(gpu_id, []).append(action)
+
     def release(self, gpu_id: int) -> None:
+        with self._cond:
+            actions = self._after.pop(gpu_id, [])
+        for action in actions:
+            try:
+                action()
+            except Exception:
+                logger.exception("[GPU %s] Releasing output names failed", gpu_id)
         with self._cond:
             for key in self._held.pop(gpu_id, ()):
                 if self._owner.get(key) == gpu_id:

@@ -1,0 +1,242 @@
+"""FleetIntake: the threads that connect this machine's GPUs to the fleet queue. One taker per GPU:
+while its GPU is idle it takes the next prompt from its lanes in order of preference (one atomic
+call), else blocks on the fleet's bell (XREAD BLOCK: no polling); one upkeep thread registers the
+machine, renews the leases of what runs here, retries completions Redis missed, and reaps leases
+nobody renewed (requeued, or failed after the attempts). Host objects touched: none.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+from ..policy import fleet_lanes
+from .scheduler import FleetScheduler
+from .store import ERRORS, REGISTRY_TTL_S
+
+logger = logging.getLogger("comfy_multigpu")
+
+IDLE_BLOCK_S = 5.0          # an idle GPU with nothing to steal re-reads its lanes this often at most
+REGISTRY_CACHE_S = 0.5
+
+
+class FleetIntake:
+    def __init__(self, scheduler: FleetScheduler, pool, node_url: str = ""):
+        self.scheduler = scheduler
+        self.store = scheduler.store
+        self.settings = scheduler.settings
+        self.pool = pool
+        self.node_url = node_url
+        self.reachable = False              # Redis answered the last call
+        self.version = ""                   # the Redis server's version, once connected
+        self.takes = 0                      # prompts taken by this machine's GPUs
+        self.wakeups = 0                    # bell wake-ups (blocking reads that returned)
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._registry: tuple[float, dict] = (0.0, {})
+        self.before_run = lambda taken: None     # fetches its inputs (FleetMember)
+        scheduler.on_free = self.poke
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._spawn(self._upkeep, "comfy-multigpu-fleet-upkeep")
+        for worker in self.pool.workers:
+            self._spawn(lambda w=worker: self._taker(w), f"comfy-multigpu-fleet-gpu{worker.gpu_id}")
+
+    def stop(self, hand_back: bool = True) -> None:
+        self._stop.set()
+        self.poke()
+        if hand_back and self.reachable:
+            try:
+                given = self.scheduler.hand_back_all()
+                if given:
+                    logger.info("Fleet: handed back %d prompt(s) taken but not started here", given)
+                self.store.unregister()
+            except ERRORS:
+                pass
+
+    def poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _connect(self) -> None:
+        """Load the function library and hand back what a previous run of this machine held."""
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self.version = self.store.load_library()
+                for lane in self.store.lanes():
+                    for prompt_id, action in self.store.reap(lane, 0, self.settings.attempts,
+                                                             consumer_prefix=f"{self.settings.node}:"):
+                        logger.warning("Fleet: prompt %s was running here when this machine stopped: %s",
+                                       prompt_id, action)
+                self.reachable = True
+                self._ready.set()
+                logger.info("comfy-multigpu: fleet member %r of %s (Redis %s): lease %.0f s, %d attempt(s), "
+                            "steal delay %.1f s", self.settings.node, self.settings.safe_url, self.version,
+                            self.settings.lease_s, self.settings.attempts, self.settings.steal_s)
+                return
+            except ERRORS as ex:
+                self._unreachable(ex)
+            except Exception:
+                logger.exception("Fleet: could not set up the queue in Redis; retrying")
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _unreachable(self, ex: BaseException) -> None:
+        if self.reachable:
+            logger.warning("Fleet: Redis at %s cannot be reached (%s); reconnecting", self.settings.safe_url, ex)
+        self.reachable = False
+
+    # ---- takers --------------------------------------------------------------------------------
+    def _can_take(self, worker) -> bool:
+        local = self.scheduler.local
+        return (not self._stop.is_set() and not worker.down and not local.draining and worker.lease is None
+                and local.tasks_remaining([worker.gpu_id]) == 0)
+
+    def _taker(self, worker) -> None:
+        self._ready.wait()
+        consumer = f"{self.settings.node}:{worker.gpu_id}"
+        bell: Optional[str] = None
+        delay = 0.2
+        while not self._stop.is_set():
+            if not self._can_take(worker):
+                with self._cond:
+                    self._cond.wait(1.0)
+                continue
+            try:
+                if bell is None:
+                    bell = self.store.bell_id()
+                lanes, steal, timeout = self._lanes_of(worker)
+                taken = self.store.take(lanes, steal, consumer, worker.gpu_id, self.settings.steal_s)
+                self.reachable = True
+                if taken is not None:
+                    self.takes += 1
+                    logger.info("[GPU %s] Fleet: took %s from %s (attempt %d)", worker.gpu_id, taken.prompt_id,
+                                fleet_lanes.split_lane(taken.lane)[1], taken.attempts)
+                    self.before_run(taken)
+                    self.scheduler.run_locally(taken, worker.gpu_id)
+                    continue
+                bell = self.store.wait_bell(bell, timeout)
+                self.wakeups += 1
+                delay = 0.2
+            except ERRORS as ex:
+                self._unreachable(ex)
+                bell = None
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                logger.exception("[GPU %s] Fleet: taking a prompt failed", worker.gpu_id)
+                self._stop.wait(1.0)
+
+    def _lanes_of(self, worker) -> tuple[list, list, float]:
+        """(lanes read now in order, model lanes taken from after the steal delay, block timeout)."""
+        pools = [name for name, gpus in self.scheduler.pools.items() if worker.gpu_id in gpus and name != "all"]
+        warm = [key for key in reversed(worker.recent_models()) if fleet_lanes.affinity_model([key]) == key]
+        lanes = fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
+        others = fleet_lanes.steal_lanes(self.store.lanes(), lanes)
+        if not others:
+            return lanes, [], IDLE_BLOCK_S
+        warm_idle = self._warm_idle_models(worker.gpu_id)
+        now, later = [], []
+        for name in others:
+            model = fleet_lanes.split_lane(name)[1][2:]
+            (later if model in warm_idle else now).append(name)
+        return lanes + now, later, max(0.05, self.settings.steal_s / 2)
+
+    def _warm_idle_models(self, my_gpu: int) -> set:
+        """Models some other idle GPU of the fleet holds (their prompts wait for it a while)."""
+        stamp, machines = self._registry
+        if time.monotonic() - stamp > REGISTRY_CACHE_S:
+            machines = self.store.machines()
+            self._registry = (time.monotonic(), machines)
+        held = set()
+        for name, info in machines.items():
+            for gpu in info.get("gpus", []):
+                if gpu.get("idle") and not (name == self.settings.node and gpu.get("gpu") == my_gpu):
+                    held.update(gpu.get("models", []))
+        return held
+
+    # ---- upkeep ------------------------------------------------------------------------------
+    def _upkeep(self) -> None:
+        self._connect()
+        period = max(0.2, min(self.settings.lease_s / 3, REGISTRY_TTL_S / 3))
+        while not self._stop.wait(period):
+            try:
+                self._register()
+                self._renew()
+                self.scheduler.retry_completions()
+                self._reap()
+                self.reachable = True
+            except ERRORS as ex:
+                self._unreachable(ex)
+            except Exception:
+                logger.exception("Fleet: upkeep pass failed")
+
+    def machine_info(self) -> dict:
+        snap = self.scheduler.local.snapshot()
+        gpus = []
+        for worker, q in zip(self.pool.workers, snap.gpus):
+            gpus.append({"gpu": worker.gpu_id, "device": worker.label, "down": worker.down,
+                         "idle": not worker.down and not q.busy and q.pending_count == 0,
+                         "running": len(q.running), "pending": q.pending_count,
+                         "models": [k for k in worker.recent_models() if fleet_lanes.affinity_model([k]) == k]})
+        return {"url": self.node_url, "gpus": gpus, "draining": self.scheduler.draining, "time": time.time()}
+
+    def _register(self) -> None:
+        self.store.register(self.machine_info())
+
+    def _renew(self) -> None:
+        for taken in self.scheduler.running_here():
+            if not self.store.renew(taken):
+                logger.warning("Fleet: the lease of %s passed to another attempt; stopping it here",
+                               taken.prompt_id)
+                self.scheduler.lost(taken.prompt_id)
+
+    def _reap(self) -> None:
+        for lane in self.store.lanes():
+            for prompt_id, action in self.store.reap(lane, self.settings.lease_s, self.settings.attempts):
+                logger.warning("Fleet: lease of %s expired (its machine stopped renewing it): %s",
+                               prompt_id, action)
+        self._fail_absent()
+
+    def _fail_absent(self) -> None:
+        """Prompts pinned to a machine that is not up (or a GPU it does not have) fail after a while."""
+        machines = self.store.machines()
+        pinned = [lane for lane in self.store.lanes()
+                  if fleet_lanes.pinned_node(lane) not in (None, *machines)
+                  or _missing_gpu(lane, machines)]
+        if not pinned:
+            return
+        now_ms = time.time() * 1000
+        for job in self.store.active_jobs():
+            if job.get("state") != "waiting" or job.get("lane") not in pinned:
+                continue
+            waited_s = (now_ms - int(job.get("entry", "0-0").split("-")[0])) / 1000
+            node = fleet_lanes.pinned_node(job["lane"])
+            if _missing_gpu(job["lane"], machines):
+                reason = f"machine {node!r} has no GPU {job.get('target_gpu')}"
+            elif waited_s >= self.settings.absent_s:
+                reason = (f"machine {node!r} was not up for {waited_s:.0f} s (COMFY_MULTIGPU_FLEET_ABSENT_TIMEOUT="
+                          f"{self.settings.absent_s:g}); machines up: {sorted(machines) or 'none'}")
+            else:
+                continue
+            if self.store.fail_waiting(job["id"], f"the prompt was pinned to {reason}"):
+                logger.warning("Fleet: prompt %s failed: pinned to %s", job["id"], reason)
+
+
+def _missing_gpu(lane: str, machines: dict) -> bool:
+    target = fleet_lanes.split_lane(lane)[1]
+    if not target.startswith("g:"):
+        return False
+    node, _, gpu = target[2:].rpartition(":")
+    info = machines.get(node)
+    return info is not None and gpu.isdigit() and int(gpu) >= len(info.get("gpus", []))
