@@ -3,8 +3,6 @@
 of one rank to 1e-4 (fp32), uneven token and head splits included; deliberately broken variants
 (attention over local tokens only; position ids not split) fail the same check, so it can fail; a
 rank that raises aborts every rank instead of hanging; the fallback reasons are pure and exact."""
-import sys
-
 import pytest
 import torch
 
@@ -15,16 +13,9 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def flux(comfyui_dir):
-    if str(comfyui_dir) not in sys.path:
-        sys.path.append(str(comfyui_dir))
-    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.ops
-        from comfy.ldm.flux.model import Flux
-    finally:
-        sys.argv = argv
+    from helpers.comfy_import import import_comfy
+    comfy = import_comfy(comfyui_dir, "comfy.ops", "comfy.ldm.flux.model")
+    Flux = comfy.ldm.flux.model.Flux
     torch.manual_seed(0)
     model = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
                  hidden_size=96, mlp_ratio=4.0, num_heads=6, depth=2, depth_single_blocks=2,
@@ -203,8 +194,16 @@ def test_the_drop_in_nodes_replace_the_stock_ones(multi4):
                                                                "gpus": 2, "strategy": "round_robin"}}
     swapped["5"]["class_type"] = "XDiTKSampler"
     swapped["5"]["inputs"].update(model=["1", 0], gpus=2, strategy="round_robin")
+    swapped.update({                                # and a stock VAEDecodeTiled: its tiles on both GPUs
+        "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": wf.CHECKPOINT}},
+        "21": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 96, "batch_size": 1}},
+        "22": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["21", 0], "vae": ["20", 2], "tile_size": 64,
+                                                          "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}},
+        "23": {"class_type": "PreviewImage", "inputs": {"images": ["22", 0]}}})
     got, entry = latent_of(multi4, swapped)
     assert max_rel_error(got, expected) < TOLERANCE and len(entry["gpu_ids"]) == 2
+    vae = entry["sequence_parallel"]["vae"]          # 12 x 12 latent, tiles of 8 (4x16, 16x4, 8x8) overlapping 2
+    assert vae == {"tiles": 14, "gpus": entry["gpu_ids"], "tiles_per_gpu": [7, 7], "fallback": None, "decodes": 1}
     info = multi4.get("/object_info/XDiTKSampler")["XDiTKSampler"]
     stock = multi4.get("/object_info/KSampler")["KSampler"]
     assert info["output"] == stock["output"]
@@ -310,3 +309,158 @@ def test_sequence_parallel_and_single_prompts_together_all_finish_with_the_lease
     assert all(e["status"]["status_str"] == "success" for e in done.values())
     assert len(done[second]["gpu_ids"]) == 2
     assert done[first]["sequence_parallel"]["exchanges"] > 0       # the ranks met at every exchange
+
+
+# ---- VAE decode on the leased GPUs (host/sp_vae.py): the host's tiled decode, its tiles on N ranks --------
+
+def random_weights(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(t.shape, generator=g) * 0.02 if name.endswith("bias") else
+            torch.ones(t.shape) if t.ndim == 1 else torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5
+            for name, t in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def vaes(flux, comfyui_dir):                        # flux: ComfyUI already importable
+    """comfy.sd.VAE objects as the host builds them, small: an SD-type AutoencoderKL (images, three tile
+    shapes averaged) and a Wan 2.1 VAE found by its keys (video, tiled in time and space)."""
+    from helpers.comfy_import import import_comfy
+    comfy = import_comfy(comfyui_dir, "comfy.sd", "comfy.ldm.wan.vae", "comfy.ldm.models.autoencoder")
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    sd_weights = random_weights(comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4), 1)
+    image = comfy.sd.VAE(sd=sd_weights, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}}, dtype=torch.float32)
+    wan = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True], image_channels=3, conv_out_channels=3)
+    video = comfy.sd.VAE(sd=random_weights(wan, 2), dtype=torch.float32)
+    assert type(video.first_stage_model).__name__ == "WanVAE" and not video.handles_tiling
+    g = torch.Generator().manual_seed(3)
+    return {"sd": (image, torch.randn(1, 4, 14, 10, generator=g), {"tile_x": 6, "tile_y": 6, "overlap": 2}),
+            "wan": (video, torch.randn(1, 16, 3, 10, 8, generator=g),
+                    {"tile_x": 4, "tile_y": 4, "overlap": 1, "tile_t": 2, "overlap_t": 1})}
+
+
+class CountingDecoder:
+    """A rank's decoder that counts its tiles and the threads that decoded them."""
+
+    def __init__(self, decoder):
+        self.decoder, self.tiles, self.threads = decoder, 0, set()
+
+    def decode(self, z):
+        import threading
+        self.tiles += 1
+        self.threads.add(threading.get_ident())
+        return self.decoder.decode(z)
+
+
+def host_and_spread(vae, latent, tiles, n, decoders=None):
+    import comfy.sd
+    from comfy_multigpu.host.sp_vae import spread_decode_tiled
+    with torch.inference_mode():                    # as ComfyUI runs nodes
+        expected = vae.decode_tiled(latent, **tiles)
+        got, result = spread_decode_tiled(comfy.sd.VAE.decode_tiled, vae, latent, ["cpu"] * n, decoders=decoders,
+                                          **tiles)
+    return expected, got, result
+
+
+@pytest.mark.parametrize("kind, n", [("sd", 2), ("sd", 3), ("wan", 2), ("wan", 3)])
+def test_vae_tiles_on_n_ranks_give_the_hosts_tiled_decode_bit_for_bit(vaes, kind, n):
+    vae, latent, tiles = vaes[kind]
+    decoders = [CountingDecoder(vae.first_stage_model) for _ in range(n)]
+    expected, got, result = host_and_spread(vae, latent, tiles, n, decoders)
+    assert got.shape == expected.shape and torch.equal(got, expected)          # fp32 on CPU: identical
+    assert [d.tiles for d in decoders] == result.per_rank and result.missed == 0
+    assert min(result.per_rank) >= result.tiles // n >= 3                         # every rank decoded its share
+    assert len(set().union(*(d.threads for d in decoders))) == n                # each rank in its own thread
+
+
+@pytest.mark.parametrize("kind", ["sd", "wan"])
+def test_vae_tiles_placed_in_a_wrong_order_fail_the_check(vaes, kind, monkeypatch):
+    from comfy_multigpu.host import sp_vae
+
+    def swapped(self, index):                       # each tile trades places with a neighbour of its shape
+        other = index ^ 1
+        if other < len(self.outputs) and self.outputs[other].shape == self.outputs[index].shape:
+            return self.outputs[other]
+        return self.outputs[index]
+    monkeypatch.setattr(sp_vae._Tiles, "output_for", swapped)
+    vae, latent, tiles = vaes[kind]
+    expected, got, _ = host_and_spread(vae, latent, tiles, 2)
+    assert (got - expected).abs().max().item() > 1e-2
+
+
+def leased(gpus, notes=None):
+    """current_worker's view of a prompt holding `gpus` CPU workers (rank 0 first)."""
+    import types
+    lease = types.SimpleNamespace(gpu_ids=tuple(gpus), notes={} if notes is None else notes)
+    pool = types.SimpleNamespace(workers={})
+    for g in gpus:
+        pool.workers[g] = types.SimpleNamespace(gpu_id=g, device=torch.device("cpu"), lease=lease, pool=pool)
+    return pool.workers[gpus[0]], lease
+
+
+def test_the_decode_patches_spread_a_leased_prompts_tiles_and_note_what_they_did(vaes, comfyui_dir, monkeypatch):
+    import comfy.sd
+    from helpers.comfy_import import import_comfy
+    from comfy_multigpu.host.sp_vae import WHOLE_DECODE, make_vae_decode, make_vae_decode_tiled, with_tiled_decode
+    from comfy_multigpu.runtime.context import current_worker
+    import_comfy(comfyui_dir, "nodes")
+    import nodes
+    original = comfy.sd.VAE.decode_tiled
+    decode_tiled = make_vae_decode_tiled(original, None)
+    decode = make_vae_decode(comfy.sd.VAE.decode, None)
+    monkeypatch.setattr(comfy.sd.VAE, "decode_tiled", decode_tiled)       # as the manifest installs it
+    vae, latent, tiles = vaes["sd"]
+    worker, lease = leased([2, 0, 3])
+    token = current_worker.set(worker)
+    try:
+        with torch.inference_mode():
+            expected = original(vae, latent, **tiles)
+            assert torch.equal(decode_tiled(vae, latent, **tiles), expected)
+            spread = lease.notes["sequence_parallel"]["vae"]
+            assert spread["gpus"] == [2, 0, 3] and spread["fallback"] is None and spread["decodes"] == 1
+            assert spread["tiles"] == sum(spread["tiles_per_gpu"]) and min(spread["tiles_per_gpu"]) > 0
+            assert torch.equal(decode(vae, latent), comfy.sd.VAE.decode(vae, latent))    # plain: the host's
+            assert lease.notes["sequence_parallel"]["vae"] == {"gpus": [2], "fallback": WHOLE_DECODE, "decodes": 2}
+            opted = with_tiled_decode(vae, tile_size=64, overlap=16)                  # XDiTVAELoader's opt-in
+            assert lease.notes["sequence_parallel"]["vae"]["decodes"] == 2
+            got = decode(opted, latent)
+            assert lease.notes["sequence_parallel"]["vae"]["decodes"] == 3      # VAEDecodeTiled's decode, spread
+            assert lease.notes["sequence_parallel"]["vae"]["tiles"] > 0
+            monkeypatch.undo()
+            assert torch.equal(got, nodes.VAEDecodeTiled().decode(vae, {"samples": latent}, 64, 16)[0])
+            assert vae is not opted
+    finally:
+        current_worker.reset(token)
+    alone, single = leased([1])                      # a prompt of one GPU: stock, no note
+    token = current_worker.set(alone)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(decode_tiled(vae, latent, **tiles), expected) and single.notes == {}
+    finally:
+        current_worker.reset(token)
+    from comfy_multigpu.host import xdit_nodes                 # the loaders: stock inputs (+ the opt-in)
+    assert xdit_nodes.XDiTCLIPLoader.INPUT_TYPES() == nodes.CLIPLoader.INPUT_TYPES()
+    assert xdit_nodes.XDiTDualCLIPLoader.FUNCTION == nodes.DualCLIPLoader.FUNCTION
+    types = xdit_nodes.XDiTVAELoader.INPUT_TYPES()
+    assert types["required"] == nodes.VAELoader.INPUT_TYPES()["required"] and "decode_tile_size" in types["optional"]
+
+
+def test_a_vae_that_cannot_be_spread_says_why(vaes):
+    import types
+    from comfy_multigpu.host.sp_vae import why_one_gpu
+    vae, latent, _ = vaes["sd"]
+    two = [leased([0, 1])[0].pool.workers[g] for g in (0, 1)]
+    assert why_one_gpu(vae, latent, two) is None
+    assert "not active" in why_one_gpu(vae, latent, [])
+    from comfy_multigpu.runtime.context import current_worker
+    alone, _ = leased([1])
+    token = current_worker.set(alone)
+    try:
+        assert "only one GPU leased" in why_one_gpu(vae, latent, [alone])
+    finally:
+        current_worker.reset(token)
+    assert "tiles itself" in why_one_gpu(types.SimpleNamespace(handles_tiling=True, first_stage_model=vae), latent, two)
+    assert "1-D (audio)" in why_one_gpu(vae, torch.zeros(1, 4, 16), two)
+    on_cpu = [types.SimpleNamespace(gpu_id=0, device=torch.device("cuda", 0))] + two[1:]
+    assert "runs on cpu, not on the first leased GPU (cuda:0)" in why_one_gpu(vae, latent, on_cpu)

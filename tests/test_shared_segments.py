@@ -65,17 +65,8 @@ def mapped_ranges(path: str) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def host(comfyui_dir):
     """The pinned ComfyUI's comfy package, imported here with --cpu."""
-    if str(comfyui_dir) not in sys.path:
-        sys.path.append(str(comfyui_dir))
-    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.sd
-        import comfy.utils
-    finally:
-        sys.argv = argv
-    return comfy
+    from helpers.comfy_import import import_comfy
+    return import_comfy(comfyui_dir, "comfy.sd", "comfy.utils")
 
 
 @pytest.fixture(scope="module")

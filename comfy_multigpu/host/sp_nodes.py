@@ -116,6 +116,8 @@ class SequenceParallelWrapper:
             known = lease.notes.get("sequence_parallel")
             if known is not None and all(known.get(k) == v for k, v in note.items()):
                 return
+            if known is not None and "vae" in known:          # a decode before this forward (sp_vae)
+                note["vae"] = known["vae"]
             lease.notes["sequence_parallel"] = note
         if reason is not None:
             logger.warning("[GPU %s] SequenceParallel(gpus=%d): running on one GPU: %s",
