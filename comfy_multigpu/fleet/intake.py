@@ -31,6 +31,7 @@ class FleetIntake:
         self.reachable = False              # Redis answered the last call
         self.version = ""                   # the Redis server's version, once connected
         self.takes = 0                      # prompts taken by this machine's GPUs
+        self.take_calls = 0                 # calls of the take function (taken or not)
         self.wakeups = 0                    # bell wake-ups (blocking reads that returned)
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -51,6 +52,8 @@ class FleetIntake:
         self.poke()
         if hand_back and self.reachable:
             try:
+                for worker in self.pool.workers:
+                    self.store.not_idle(f"{self.settings.node}:{worker.gpu_id}")
                 given = self.scheduler.hand_back_all()
                 if given:
                     logger.info("Fleet: handed back %d prompt(s) taken but not started here", given)
@@ -73,11 +76,10 @@ class FleetIntake:
         while not self._stop.is_set():
             try:
                 self.version = self.store.load_library()
-                for lane in self.store.lanes():
-                    for prompt_id, action in self.store.reap(lane, 0, self.settings.attempts,
-                                                             consumer_prefix=f"{self.settings.node}:"):
-                        logger.warning("Fleet: prompt %s was running here when this machine stopped: %s",
-                                       prompt_id, action)
+                for prompt_id, action in self.store.reap(0, self.settings.attempts,
+                                                         consumer_prefix=f"{self.settings.node}:"):
+                    logger.warning("Fleet: prompt %s was running here when this machine stopped: %s",
+                                   prompt_id, action)
                 self.reachable = True
                 self._ready.set()
                 logger.info("comfy-multigpu: fleet member %r of %s (Redis %s): lease %.0f s, %d attempt(s), "
@@ -115,8 +117,9 @@ class FleetIntake:
             try:
                 if bell is None:
                     bell = self.store.bell_id()
-                lanes, steal, timeout = self._lanes_of(worker)
-                taken = self.store.take(lanes, steal, consumer, worker.gpu_id, self.settings.steal_s)
+                lanes, steal, warm = self._lanes_of(worker)
+                self.take_calls += 1
+                taken, due = self.store.take(lanes, steal, consumer, worker.gpu_id, self.settings.steal_s, warm)
                 self.reachable = True
                 if taken is not None:
                     self.takes += 1
@@ -125,8 +128,10 @@ class FleetIntake:
                     self.before_run(taken)
                     self.scheduler.run_locally(taken, worker.gpu_id)
                     continue
-                bell = self.store.wait_bell(bell, timeout)
+                bell = self.store.wait_bell(bell, IDLE_BLOCK_S if due < 0 else max(0.02, due + 0.01))
                 self.wakeups += 1
+                if not self._can_take(worker):
+                    self.store.not_idle(consumer)
                 delay = 0.2
             except ERRORS as ex:
                 self._unreachable(ex)
@@ -137,32 +142,29 @@ class FleetIntake:
                 logger.exception("[GPU %s] Fleet: taking a prompt failed", worker.gpu_id)
                 self._stop.wait(1.0)
 
-    def _lanes_of(self, worker) -> tuple[list, list, float]:
-        """(lanes read now in order, model lanes taken from after the steal delay, block timeout)."""
+    def _lanes_of(self, worker) -> tuple[list, list, list]:
+        """(lanes read now in order, model lanes of models it does not hold, and for each of those the
+        GPUs of the fleet that hold the model: their prompts wait for one of them a while if it is idle)."""
         pools = [name for name, gpus in self.scheduler.pools.items() if worker.gpu_id in gpus and name != "all"]
         warm = [key for key in reversed(worker.recent_models()) if fleet_lanes.affinity_model([key]) == key]
         lanes = fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
-        others = fleet_lanes.steal_lanes(self.store.lanes(), lanes)
-        if not others:
-            return lanes, [], IDLE_BLOCK_S
-        warm_idle = self._warm_idle_models(worker.gpu_id)
-        now, later = [], []
-        for name in others:
-            model = fleet_lanes.split_lane(name)[1][2:]
-            (later if model in warm_idle else now).append(name)
-        return lanes + now, later, max(0.05, self.settings.steal_s / 2)
+        steal = fleet_lanes.steal_lanes(self.store.lanes(), lanes)
+        holders = self._holders() if steal else {}
+        me = f"{self.settings.node}:{worker.gpu_id}"
+        return lanes, steal, [[c for c in holders.get(fleet_lanes.split_lane(name)[1][2:], ()) if c != me]
+                              for name in steal]
 
-    def _warm_idle_models(self, my_gpu: int) -> set:
-        """Models some other idle GPU of the fleet holds (their prompts wait for it a while)."""
+    def _holders(self) -> dict:
+        """model key -> consumers ("<machine>:<gpu>") that hold it, from the machines' registrations."""
         stamp, machines = self._registry
         if time.monotonic() - stamp > REGISTRY_CACHE_S:
             machines = self.store.machines()
             self._registry = (time.monotonic(), machines)
-        held = set()
+        held: dict = {}
         for name, info in machines.items():
             for gpu in info.get("gpus", []):
-                if gpu.get("idle") and not (name == self.settings.node and gpu.get("gpu") == my_gpu):
-                    held.update(gpu.get("models", []))
+                for key in gpu.get("models", []):
+                    held.setdefault(key, []).append(f"{name}:{gpu.get('gpu')}")
         return held
 
     # ---- upkeep ------------------------------------------------------------------------------
@@ -202,10 +204,8 @@ class FleetIntake:
                 self.scheduler.lost(taken.prompt_id)
 
     def _reap(self) -> None:
-        for lane in self.store.lanes():
-            for prompt_id, action in self.store.reap(lane, self.settings.lease_s, self.settings.attempts):
-                logger.warning("Fleet: lease of %s expired (its machine stopped renewing it): %s",
-                               prompt_id, action)
+        for prompt_id, action in self.store.reap(self.settings.lease_s, self.settings.attempts):
+            logger.warning("Fleet: lease of %s expired (its machine stopped renewing it): %s", prompt_id, action)
         self._fail_absent()
 
     def _fail_absent(self) -> None:

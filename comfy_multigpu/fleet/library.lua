@@ -95,9 +95,12 @@ local function enqueue(keys, args)
   return {'ok', tostring(number)}
 end
 
--- take(lanes...; consumer, node, gpu, now_ms, plain_count, steal_after_ms)
--- The first `plain_count` lanes are read in order; the rest only once their next entry is older than
--- steal_after_ms. -> {id, token, record, sensitive, lane, entry, attempts} | {}
+-- take(lanes...; consumer, node, gpu, now_ms, plain_count, steal_after_ms, warm_1, warm_2, ...)
+-- The first `plain_count` lanes are read in order; the others (model lanes of models this GPU does
+-- not hold) only once their next entry has waited steal_after_ms, or at once when none of the GPUs
+-- holding that model (warm_i: comma-separated consumers) is idle. Idle consumers are kept in cmg:idle:
+-- a call that takes nothing marks its consumer idle (it blocks on the bell next).
+-- -> {id, token, record, sensitive, lane, entry, attempts} | {'wait', ms until a steal is due (-1: none)}
 local function next_age(lane, now)
   local groups = redis.call('XINFO', 'GROUPS', lane)
   for _, g in ipairs(groups) do
@@ -115,12 +118,27 @@ local function next_age(lane, now)
   return -1
 end
 
+local function any_idle(list)
+  for consumer in string.gmatch(list or '', '[^,]+') do
+    if redis.call('SISMEMBER', P .. 'idle', consumer) == 1 then return true end
+  end
+  return false
+end
+
 local function take(keys, args)
   local consumer, node, gpu, now = args[1], args[2], args[3], tonumber(args[4])
   local plain, steal_after = tonumber(args[5]), tonumber(args[6])
+  local due = -1
   for i, lane in ipairs(keys) do
     if redis.call('EXISTS', lane) == 1 then
-      local allowed = i <= plain or next_age(lane, now) >= steal_after
+      local allowed = i <= plain
+      if not allowed then
+        local age = next_age(lane, now)
+        if age >= 0 then
+          allowed = age >= steal_after or not any_idle(args[6 + i - plain])
+          if not allowed and (due < 0 or steal_after - age < due) then due = steal_after - age end
+        end
+      end
       while allowed do
         local got = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', lane, '>')
         if not got then break end
@@ -133,6 +151,7 @@ local function take(keys, args)
           local attempts = redis.call('HINCRBY', job, 'attempts', 1)
           redis.call('HSET', job, 'state', 'running', 'owner', consumer, 'node', node, 'gpu', gpu,
                      'started_ms', now, 'renewed_ms', now)
+          redis.call('SREM', P .. 'idle', consumer)
           local rec = redis.call('HMGET', job, 'record', 'sensitive')
           return {id, token, rec[1], rec[2], lane, entry[1], attempts}
         end
@@ -140,7 +159,13 @@ local function take(keys, args)
       end
     end
   end
-  return {}
+  redis.call('SADD', P .. 'idle', consumer)
+  return {'wait', due}
+end
+
+-- not_idle(; consumer): this GPU stopped waiting for work (it runs something, or shuts down)
+local function not_idle(keys, args)
+  return redis.call('SREM', P .. 'idle', args[1])
 end
 
 -- renew(lane; id, token, consumer, entry, now_ms) -> 1 (still ours) | 0 (lost: stop, do not complete)
@@ -183,14 +208,13 @@ local function requeue_job(id, lane, entry, reason)
   ring_bell(lane)
 end
 
--- reap(lane; min_idle_ms, max_attempts, now_ms, reaper, consumer_prefix, failure_status_json)
+-- reap_lane(lane; min_idle_ms, max_attempts, now_ms, reaper, consumer_prefix, failure_status_json)
 -- Entries leased longer than min_idle_ms without renewal (consumer_prefix set: every entry of those
 -- consumers, a restarted machine's own) go back to their lane, or fail after max_attempts starts.
 -- -> {id, 'requeued'|'failed', ...}
-local function reap(keys, args)
-  local lane = keys[1]
+local function reap_lane(lane, args, out)
   local min_idle, max_attempts, prefix = tonumber(args[1]), tonumber(args[2]), args[5]
-  if redis.call('EXISTS', lane) == 0 then return {} end
+  if redis.call('EXISTS', lane) == 0 then return out end
   local entries = {}
   if prefix == '' then
     local got = redis.call('XAUTOCLAIM', lane, GROUP, args[4], min_idle, '0-0', 'COUNT', 100)
@@ -205,7 +229,6 @@ local function reap(keys, args)
       entries = redis.call('XCLAIM', lane, GROUP, args[4], 0, unpack(ids))
     end
   end
-  local out = {}
   for _, e in ipairs(entries) do
     if e and e[2] then
       local id = e[2][2]
@@ -225,6 +248,15 @@ local function reap(keys, args)
       redis.call('XACK', lane, GROUP, e[1])
     end
   end
+  return out
+end
+
+-- reap(lanes... (none: every lane); the arguments of reap_lane)
+local function reap(keys, args)
+  local lanes = keys
+  if #lanes == 0 then lanes = redis.call('SMEMBERS', P .. 'lanes') end
+  local out = {}
+  for _, lane in ipairs(lanes) do reap_lane(lane, args, out) end
   return out
 end
 
@@ -284,6 +316,7 @@ end
 
 redis.register_function('cmg_enqueue', enqueue)
 redis.register_function('cmg_take', take)
+redis.register_function('cmg_not_idle', not_idle)
 redis.register_function('cmg_renew', renew)
 redis.register_function('cmg_complete', complete)
 redis.register_function('cmg_reap', reap)

@@ -112,10 +112,21 @@ class FleetStore:
         reply = [_s(v) for v in reply]
         return reply[0], reply[1:]
 
-    def take(self, lanes: list, steal: list, consumer: str, gpu: int, steal_after_s: float) -> Optional[Taken]:
+    def take(self, lanes: list, steal: list, consumer: str, gpu: int, steal_after_s: float,
+             warm: Optional[list] = None) -> tuple[Optional[Taken], float]:
+        """(what `consumer` takes, None; or None, seconds until a model lane's prompt may be stolen,
+        -1 when none waits). `warm`: per steal lane, the consumers holding its model."""
+        warm = warm if warm is not None else [""] * len(steal)
         reply = self._fcall("cmg_take", lanes + steal,
-                            [consumer, self.node, gpu, int(time.time() * 1000), len(lanes), int(steal_after_s * 1000)])
-        return Taken(reply, consumer) if reply else None
+                            [consumer, self.node, gpu, int(time.time() * 1000), len(lanes), int(steal_after_s * 1000),
+                             *[",".join(w) for w in warm]])
+        if _s(reply[0]) == "wait":
+            due = int(reply[1])
+            return None, (due / 1000.0 if due >= 0 else -1.0)
+        return Taken(reply, consumer), 0.0
+
+    def not_idle(self, consumer: str) -> None:
+        self._fcall("cmg_not_idle", [], [consumer])
 
     def renew(self, taken: Taken) -> bool:
         return bool(self._fcall("cmg_renew", [taken.lane], [taken.prompt_id, taken.token, taken.consumer,
@@ -131,10 +142,11 @@ class FleetStore:
         return bool(self._fcall("cmg_handback", [taken.lane], [taken.prompt_id, taken.token, taken.consumer,
                                                                taken.entry]))
 
-    def reap(self, lane: str, min_idle_s: float, attempts: int, consumer_prefix: str = "") -> list[tuple]:
-        """Requeue (or fail after `attempts` starts) leases of `lane` idle longer than `min_idle_s`;
-        with `consumer_prefix`, every lease of those consumers. Returns [(prompt id, action)]."""
-        reply = self._fcall("cmg_reap", [lane], [int(min_idle_s * 1000), attempts, int(time.time() * 1000),
+    def reap(self, min_idle_s: float, attempts: int, consumer_prefix: str = "", lanes: tuple = ()) -> list[tuple]:
+        """Requeue (or fail after `attempts` starts) leases idle longer than `min_idle_s` in `lanes`
+        (none: every lane); with `consumer_prefix`, every lease of those consumers. Returns
+        [(prompt id, action)]."""
+        reply = self._fcall("cmg_reap", list(lanes), [int(min_idle_s * 1000), attempts, int(time.time() * 1000),
                                                  f"{self.node}:reaper", consumer_prefix,
                                                  failure_status(f"the prompt was started {attempts} time(s) and "
                                                                 f"no machine finished it (COMFY_MULTIGPU_FLEET_"

@@ -292,6 +292,8 @@ def resolve_settings(env: Mapping[str, str], cuda_count: int, cpu_flag: bool) ->
         return Settings(True, devices, f"{ENV_SCHED}=1", **options)
     if len(devices) > 1:
         return Settings(True, devices, f"{len(devices)} devices", **options)
+    if options["fleet"] is not None:
+        return Settings(True, devices, f"{ENV_FLEET} is set (a fleet member, one device)", **options)
     return Settings(False, devices, "one device and COMFY_MULTI_GPU_SCHED unset", **options)
 
 

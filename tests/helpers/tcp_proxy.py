@@ -16,8 +16,8 @@ class TcpProxy:
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
         self.mode = "pass"                 # pass | drop | reset
-        self._pairs: list[tuple] = []
-        self._lock = threading.Lock()
+        self._reset_wanted = False
+        self._reset_done = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -26,18 +26,13 @@ class TcpProxy:
         return self
 
     def set_mode(self, mode: str) -> None:
+        """pass | drop | reset (every open connection is reset now, and new ones while in this mode)."""
         assert mode in ("pass", "drop", "reset")
-        self.mode = mode
         if mode == "reset":
-            with self._lock:
-                pairs, self._pairs = self._pairs, []
-            for a, b in pairs:
-                for s in (a, b):
-                    try:
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                        s.close()
-                    except OSError:
-                        pass
+            self._reset_done.clear()
+            self._reset_wanted = True
+            self._reset_done.wait(5)
+        self.mode = mode
 
     def stop(self) -> None:
         self._stop.set()
@@ -52,6 +47,21 @@ class TcpProxy:
                 events = sel.select(0.2)
             except (OSError, ValueError):
                 return
+            if self._reset_wanted:
+                for s in list(peers):
+                    try:
+                        sel.unregister(s)
+                    except (KeyError, ValueError):
+                        pass
+                    try:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        s.close()
+                    except OSError:
+                        pass
+                peers.clear()
+                self._reset_wanted = False
+                self._reset_done.set()
+                continue
             for key, _ in events:
                 sock = key.fileobj
                 if sock is self.listener:
@@ -72,8 +82,6 @@ class TcpProxy:
                     peers[client], peers[upstream] = upstream, client
                     sel.register(client, selectors.EVENT_READ, None)
                     sel.register(upstream, selectors.EVENT_READ, None)
-                    with self._lock:
-                        self._pairs.append((client, upstream))
                     continue
                 try:
                     data = sock.recv(65536)
