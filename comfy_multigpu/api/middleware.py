@@ -90,10 +90,7 @@ def make_middleware(queue, overrides: Mapping[tuple, Override]):
             response = await _stock(request, handler, method, path)
             if pool.fleet is not None:
                 response = await fleet_http.after_stock(request, path, response, pool.fleet)
-            if placing and scope.placed_gpu is not None:
-                return amended(response, gpu_id=scope.placed_gpu, number=scope.placed_number,
-                               gpu_pool=scope.placed_pool)
-            if placing and scope.placed_fleet is not None:
+            if placing and (scope.placed_gpu is not None or scope.placed_fleet is not None):
                 return amended(response, gpu_id=scope.placed_gpu, number=scope.placed_number,
                                gpu_pool=scope.placed_pool, fleet=scope.placed_fleet)
             if (method, path) == ("GET", "/queue") and scope.target is not None:
