@@ -100,9 +100,11 @@ class FleetIntake:
 
     # ---- takers --------------------------------------------------------------------------------
     def _can_take(self, worker) -> bool:
+        """Its GPU is free and nothing waits on this machine (a prompt that needs several of its GPUs
+        waits until they are free: the others take nothing new meanwhile)."""
         local = self.scheduler.local
         return (not self._stop.is_set() and not worker.down and not local.draining and worker.lease is None
-                and local.tasks_remaining([worker.gpu_id]) == 0)
+                and local.tasks_remaining([worker.gpu_id]) == 0 and local.snapshot().pending_count == 0)
 
     def _taker(self, worker) -> None:
         self._ready.wait()
@@ -149,10 +151,17 @@ class FleetIntake:
         warm = [key for key in reversed(worker.recent_models()) if fleet_lanes.affinity_model([key]) == key]
         lanes = fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
         steal = fleet_lanes.steal_lanes(self.store.lanes(), lanes)
-        holders = self._holders() if steal else {}
+        holders = self._holders() if steal else {}     # (also refreshes the registry)
         me = f"{self.settings.node}:{worker.gpu_id}"
-        return lanes, steal, [[c for c in holders.get(fleet_lanes.split_lane(name)[1][2:], ()) if c != me]
-                              for name in steal]
+        warm = []
+        for name in steal:
+            target = fleet_lanes.split_lane(name)[1]
+            if target.startswith("h:"):       # the home GPU, while its machine is registered
+                home = target[2:]
+                warm.append([home] if home.rpartition(":")[0] in self._registry[1] else [])
+            else:
+                warm.append([c for c in holders.get(target[2:], ()) if c != me])
+        return lanes, steal, warm
 
     def _holders(self) -> dict:
         """model key -> consumers ("<machine>:<gpu>") that hold it, from the machines' registrations."""

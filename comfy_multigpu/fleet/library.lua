@@ -48,8 +48,9 @@ local function fail_job(id, lane, entry, status_json)
   redis.call('HINCRBY', P .. 'stats', 'failed', 1)
 end
 
--- enqueue(lane; id, idem, number_sign, fields_json, record_json ([id, prompt, extra_data, outputs]), sensitive_json)
--- -> {'ok', number} | {'dup', id, state, number, gpu, node}
+-- enqueue(lane; id, idem, number_sign, fields_json, record_json ([id, prompt, extra_data, outputs]),
+--         sensitive_json, home_band ('' : the lane stands), client_id)
+-- -> {'ok', number, lane} | {'dup', id, state, number, gpu, node}
 local function describe(id)
   local job = job_key(id)
   if redis.call('EXISTS', job) == 1 then
@@ -69,6 +70,7 @@ end
 local function enqueue(keys, args)
   local lane = keys[1]
   local id, idem, sign = args[1], args[2], tonumber(args[3])
+  local home_band, client = args[7], args[8]
   local known = describe(id)
   if known then return known end
   if idem ~= '' then
@@ -77,6 +79,11 @@ local function enqueue(keys, args)
       known = describe(first)
       if known then return known end
     end
+  end
+  if home_band ~= '' and client ~= '' then
+    -- the GPU that ran this client's last prompt holds its execution cache: its home lane first
+    local home = redis.call('GET', P .. 'home:' .. client)
+    if home then lane = P .. 'lane:' .. home_band .. ':h:' .. home end
   end
   local number = sign * redis.call('INCR', P .. 'number')
   local fields = cjson.decode(args[4])
@@ -92,7 +99,7 @@ local function enqueue(keys, args)
   redis.call('HSET', job, 'entry', entry)
   redis.call('ZADD', P .. 'active', number, id)
   ring_bell(lane)
-  return {'ok', tostring(number)}
+  return {'ok', tostring(number), lane}
 end
 
 -- take(lanes...; consumer, node, gpu, now_ms, plain_count, steal_after_ms, warm_1, warm_2, ...)
@@ -180,8 +187,10 @@ local function renew(keys, args)
   return 1
 end
 
--- complete(lane; id, token, consumer, entry, history_json, file_keys_json)
--- -> 'OK' | 'STALE' (fenced: another attempt owns the prompt now; nothing is written)
+-- complete(lane; id, token, consumer, entry, history_json, file_keys_json, client_id, free)
+-- The consumer becomes the client's home (its next prompts prefer this GPU, which holds the cache);
+-- free = '1': the GPU is idle from now on. -> 'OK' | 'STALE' (fenced: another attempt owns the
+-- prompt now; nothing is written)
 local function complete(keys, args)
   local lane = keys[1]
   local id, token, consumer, entry = args[1], args[2], args[3], args[4]
@@ -195,6 +204,8 @@ local function complete(keys, args)
   write_history(id, args[5])
   drop_entry(lane, entry)
   redis.call('HINCRBY', P .. 'stats', 'completed', 1)
+  if args[7] ~= '' then redis.call('SET', P .. 'home:' .. args[7], consumer, 'EX', 3600) end
+  if args[8] == '1' then redis.call('SADD', P .. 'idle', consumer) end
   return 'OK'
 end
 

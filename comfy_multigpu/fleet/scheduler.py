@@ -31,6 +31,7 @@ class Placement:
         band, target = fleet_lanes.split_lane(self.lane)
         kind = target.split(":", 1)[0]
         text = {"g": f"GPU {self.gpu} of machine {self.node}", "n": f"any GPU of machine {self.node}",
+                "h": f"GPU {target[2:]}, which ran this client's last prompt (others if it is busy)",
                 "p": f"a GPU of pool {target[2:]}", "m": f"a GPU holding {target[2:]} (others after a delay)",
                 "any": "any GPU of the fleet"}.get(kind, target)
         return {"band": band, "runs_on": text, "node": self.node}
@@ -85,15 +86,17 @@ class FleetScheduler(Scheduler):
                   "pool": prompt.pool or "", "priority": prompt.priority or "", "target_gpu":
                   "" if gpu is None else gpu, "target_node": node or "", "models": ",".join(sorted(prompt.models))}
         record = [prompt.prompt_id, prompt.prompt, prompt.extra_data, prompt.outputs]
+        band = fleet_lanes.band_of(prompt.priority, front)
+        homeable = node is None and pool is None and prompt.gang <= 1 and bool(client)
         try:
             kind, reply = self.store.enqueue(lane, prompt.prompt_id, idempotency_key, front, fields, record,
-                                             prompt.sensitive)
+                                             prompt.sensitive, band if homeable else "", client)
         except ERRORS as ex:
             raise unavailable(ex) from None
         if kind == "dup":
             pid, state, number, dgpu, _dnode = reply
             raise DuplicatePrompt(pid, state, int(dgpu) if dgpu.lstrip("-").isdigit() else None, int(float(number)))
-        return Placement(gpu, int(reply[0]), lane, node)
+        return Placement(gpu, int(reply[0]), reply[1], node)
 
     def stock_number(self, number: float, front: bool = False) -> float:
         return number                           # the fleet numbers prompts itself (admit)
@@ -149,13 +152,14 @@ class FleetScheduler(Scheduler):
         if taken is not None:
             entry = dict(entry, node=self.node)
             self.local.forget_history(lease.prompt_id)      # the fleet's history is the one served
-            self._send_completion(taken, entry)
+            free = not self.local.draining and self.local.tasks_remaining([lease.gpu_id]) == 0
+            self._send_completion(taken, entry, lease.prompt.client_id or "", free)
         self.on_free()
         return entry
 
-    def _send_completion(self, taken: Taken, entry: dict) -> None:
+    def _send_completion(self, taken: Taken, entry: dict, client: str = "", free: bool = False) -> None:
         try:
-            accepted = self.store.complete(taken, entry, output_files(entry))
+            accepted = self.store.complete(taken, entry, output_files(entry), client, free)
         except ERRORS as ex:
             logger.warning("Fleet: could not record that %s finished (%s); retrying until Redis answers",
                            taken.prompt_id, ex)

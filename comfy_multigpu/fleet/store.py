@@ -13,6 +13,8 @@ Keys (prefix cmg:):
                          owner (consumer "<node>:<gpu>"), node, gpu, door, client_id, ...
   active                 sorted set of waiting and running ids by queue number
   hist:<id>, history     stock-shaped history entry (JSON, with gpu_id and node); ids by completion
+  idle                   consumers blocked on the bell (free GPUs)
+  home:<client_id>       the consumer that ran the client's last prompt (holds its execution cache; an hour)
   idem:<key>             Idempotency-Key -> prompt id (a day)
   number, histseq        counters
   node:<name>            a machine's registration (JSON; expires unless refreshed)
@@ -104,11 +106,12 @@ class FleetStore:
 
     # ---- queue -------------------------------------------------------------------------------
     def enqueue(self, lane: str, prompt_id: str, idem: str, front: bool, fields: dict, record: list,
-                sensitive: dict) -> tuple[str, list]:
-        """("ok", [number]) or ("dup", [id, state, number, gpu, node]). Durable when it returns
-        (the server's appendfsync always)."""
+                sensitive: dict, home_band: str = "", client: str = "") -> tuple[str, list]:
+        """("ok", [number, lane]) or ("dup", [id, state, number, gpu, node]). With `home_band`, a client
+        whose last prompt ran on some GPU waits in that GPU's home lane of the band instead. Durable
+        when it returns (the server's appendfsync always)."""
         reply = self._fcall("cmg_enqueue", [lane], [prompt_id, idem, -1 if front else 1, json.dumps(fields),
-                                                    json.dumps(record), json.dumps(sensitive)])
+                                                    json.dumps(record), json.dumps(sensitive), home_band, client])
         reply = [_s(v) for v in reply]
         return reply[0], reply[1:]
 
@@ -132,10 +135,12 @@ class FleetStore:
         return bool(self._fcall("cmg_renew", [taken.lane], [taken.prompt_id, taken.token, taken.consumer,
                                                             taken.entry, int(time.time() * 1000)]))
 
-    def complete(self, taken: Taken, entry: dict, files: list) -> bool:
-        """True: the history entry is the prompt's; False: fenced (another attempt owns it now)."""
+    def complete(self, taken: Taken, entry: dict, files: list, client: str = "", free: bool = False) -> bool:
+        """True: the history entry is the prompt's; False: fenced (another attempt owns it now).
+        `client`: its next prompts prefer this GPU; `free`: the GPU is idle from now on."""
         reply = self._fcall("cmg_complete", [taken.lane], [taken.prompt_id, taken.token, taken.consumer,
-                                                           taken.entry, json.dumps(entry), json.dumps(files)])
+                                                           taken.entry, json.dumps(entry), json.dumps(files),
+                                                           client, "1" if free else "0"])
         return _s(reply) == "OK"
 
     def hand_back(self, taken: Taken) -> bool:

@@ -59,7 +59,8 @@ def affinity_model(models: Iterable[str]) -> Optional[str]:
 
 def lane_target(node: Optional[str], gpu: Optional[int], pool: Optional[str], model: Optional[str]) -> str:
     """Where a prompt may run, as a lane suffix: a GPU of a machine, a machine, a pool, a model's
-    holders (others after a delay), or anywhere."""
+    holders (others after a delay), or anywhere. (A client's home lane "h:<machine>:<gpu>" is chosen
+    in Redis at admission, where the home is known.)"""
     if node is not None and gpu is not None:
         return f"g:{node}:{gpu}"
     if node is not None:
@@ -83,17 +84,17 @@ def split_lane(name: str) -> tuple[str, str]:
 
 def gpu_lanes(node: str, gpu: int, pools: Iterable[str], warm: Iterable[str]) -> list[str]:
     """The lanes GPU `gpu` of machine `node` reads, best first: per band, pinned to it, to its machine,
-    its pools, models it holds, anything."""
-    targets = [f"g:{node}:{gpu}", f"n:{node}"] + [f"p:{p}" for p in sorted(pools)] + \
+    its home lane (clients whose last prompt it ran), its pools, models it holds, anything."""
+    targets = [f"g:{node}:{gpu}", f"n:{node}", f"h:{node}:{gpu}"] + [f"p:{p}" for p in sorted(pools)] + \
               [f"m:{m}" for m in warm] + ["any"]
     return [lane(band, target) for band in BANDS for target in targets]
 
 
 def steal_lanes(all_lanes: Iterable[str], own: Iterable[str]) -> list[str]:
-    """Model lanes of models this GPU does not hold, by band: taken from once their oldest prompt has
-    waited the steal delay (a GPU holding the model had its chance)."""
+    """Model lanes of models this GPU does not hold, and other GPUs' home lanes, by band: taken from
+    once their oldest prompt has waited the steal delay, or at once when no GPU they prefer is idle."""
     own = set(own)
-    found = [name for name in all_lanes if name not in own and split_lane(name)[1].startswith("m:")]
+    found = [name for name in all_lanes if name not in own and split_lane(name)[1][:2] in ("m:", "h:")]
     return sorted(found, key=lambda name: (BANDS.index(split_lane(name)[0]) if split_lane(name)[0] in BANDS
                                            else len(BANDS), name))
 
