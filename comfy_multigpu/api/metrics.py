@@ -59,6 +59,48 @@ class PoolCollector:
         yield from self._device_memory(rows)
         yield from self._ram_cache()
         yield from self._housekeeping()
+        if pool.fleet is not None:
+            yield from self._fleet(pool.fleet)
+
+    def _fleet(self, fleet):
+        """The fleet's view (from Redis at scrape time) and this machine's part in it."""
+        status = fleet.status()
+        g = GaugeMetricFamily(f"{PREFIX}_fleet_redis_reachable", "1 while this machine reaches the fleet's Redis")
+        g.add_metric([], 1 if status["reachable"] and "error" not in status else 0)
+        yield g
+        for name, text, value in (("taken", "prompts this machine's GPUs took from the fleet", status["taken_here"]),
+                                  ("bell_wakeups", "blocking reads of idle GPUs that returned", status["bell_wakeups"]),
+                                  ("completions_fenced", "results of this machine refused (lease lost)",
+                                   status["completions_fenced_here"])):
+            c = CounterMetricFamily(f"{PREFIX}_fleet_{name}", text)
+            c.add_metric([], value)
+            yield c
+        if "error" in status:
+            return
+        machines = GaugeMetricFamily(f"{PREFIX}_fleet_machines", "machines registered in the fleet")
+        machines.add_metric([], len(status["machines"]))
+        gpus = GaugeMetricFamily(f"{PREFIX}_fleet_gpus", "GPUs of the fleet by machine and state",
+                                 labels=["machine", "state"])
+        for name, info in sorted(status["machines"].items()):
+            states = {"idle": 0, "busy": 0, "down": 0}
+            for gpu in info.get("gpus", []):
+                states["down" if gpu.get("down") else "idle" if gpu.get("idle") else "busy"] += 1
+            for state, count in states.items():
+                gpus.add_metric([name, state], count)
+        waiting = GaugeMetricFamily(f"{PREFIX}_fleet_lane_waiting", "prompts waiting in a lane", labels=["lane"])
+        leased = GaugeMetricFamily(f"{PREFIX}_fleet_lane_leased", "prompts of a lane running under a lease",
+                                   labels=["lane"])
+        for lane, counts in sorted(status["lanes"].items()):
+            waiting.add_metric([lane], counts["waiting"])
+            leased.add_metric([lane], counts["leased"])
+        active = GaugeMetricFamily(f"{PREFIX}_fleet_active", "prompts waiting or running anywhere in the fleet")
+        active.add_metric([], status["active"])
+        events = CounterMetricFamily(f"{PREFIX}_fleet_prompts", "fleet queue events: completed, failed (after "
+                                     "the attempts or pinned to an absent machine), redelivered (a lease "
+                                     "expired), fenced (a stale result refused)", labels=["event"])
+        for event in ("completed", "failed", "redelivered", "fenced"):
+            events.add_metric([event], status["stats"].get(event, 0))
+        yield from (machines, gpus, waiting, leased, active, events)
 
     def _housekeeping(self):
         c = CounterMetricFamily(f"{PREFIX}_housekeeping_passes", "garbage collection + cache emptying passes")
