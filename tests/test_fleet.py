@@ -125,6 +125,8 @@ def test_prompts_sent_to_one_machine_run_on_every_machine_and_history_is_fleet_w
     assert {"a", "b"} <= machines, machines
     assert set(b.get("/history", max_items=8)) == set(ids)
     assert set(a.get("/history", max_items=8)) == set(ids)
+    job = b.get(f"/api/jobs/{ids[0]}")
+    assert job["id"] == ids[0] and job["status"] == "completed"
     status = a.get("/multigpu/fleet")
     assert set(status["machines"]) == {"a", "b", "c"} and status["reachable"]
 
@@ -396,3 +398,28 @@ def test_a_machine_killed_mid_prompt_has_its_prompts_finish_elsewhere(fleet):
     c.kill()
     entries = assert_one_terminal_entry_each(fleet, ids, a)
     assert all(e["status"]["status_str"] == "success" and e["node"] in ("a", "b") for e in entries.values())
+
+
+def test_a_machine_started_while_redis_is_unreachable_serves_reads_refuses_prompts_then_joins(fleet):
+    a, c = fleet["a"], fleet["c"]
+    fleet.proxy.set_mode("reset")                   # c's way to Redis refuses every connection
+    c.start()
+    health = c.get("/multigpu/health")
+    assert health["status"] == "ok" and health["fleet"] == {"node": "c", "redis_reachable": False}
+    with pytest.raises(HttpError) as err:
+        c.get("/multigpu/ready")
+    assert err.value.status == 503 and err.value.json()["fleet"]["redis_reachable"] is False
+    with pytest.raises(HttpError) as err:
+        c.submit(wf.sleep(0.1))
+    assert err.value.status == 503 and err.value.json()["error"]["type"] == "fleet_unavailable"
+    assert c.get("/queue/all", counts=1)["total_running"] == 0          # its own view still answers
+    fleet.proxy.set_mode("pass")
+    deadline = time.time() + 20
+    while not c.get("/multigpu/health")["fleet"]["redis_reachable"]:
+        assert time.time() < deadline, "c did not reconnect"
+        time.sleep(0.2)
+    pid = c.submit(wf.sleep(0.1, 3), headers={"X-TARGET-NODE": "c"})["prompt_id"]
+    assert a.wait(pid, timeout=30)[pid]["node"] == "c"
+    metrics = c.get("/metrics").decode()
+    assert "comfy_multigpu_fleet_redis_reachable 1.0" in metrics
+    assert 'comfy_multigpu_fleet_gpus{machine="c",state="idle"}' in metrics

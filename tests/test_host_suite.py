@@ -1,6 +1,7 @@
 """ComfyUI's own execution suites (tests/execution in the pinned tree) pass against servers running
-the extension with 2 workers: once with default routing, once with every request pinned to GPU 1, and
-once with process workers (COMFY_MULTIGPU_WORKER_MODE=process: each GPU's prompts in a child process).
+the extension with 2 workers: once with default routing, once with every request pinned to GPU 1,
+once with process workers (COMFY_MULTIGPU_WORKER_MODE=process: each GPU's prompts in a child process),
+and once through machine "a" of a two-machine fleet (COMFY_MULTIGPU_FLEET, a real redis-server).
 The host's tests start their own servers (python main.py ... --cpu); COMFY_NUM_GPUS=2 in their
 environment and the extension linked into the host's custom_nodes/ make those servers ours."""
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.comfy_server import free_port
+from helpers.redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent
 SUITES = ["tests/execution/test_execution.py", "tests/execution/test_async_nodes.py",
@@ -51,3 +53,34 @@ def test_comfyui_execution_suites_pass_with_two_workers(comfyui_dir, tmp_path, p
         assert set(counts) <= {0, 1}, counts
     else:
         assert set(counts) == {1}, counts
+
+
+def test_comfyui_execution_suites_pass_through_one_machine_of_a_two_machine_fleet(comfyui_dir, tmp_path):
+    """Every server the host's tests start is machine "a" of a fleet and gets a twin, machine "b", with
+    the same arguments (tests/helpers/pin_gpu_plugin.py): prompts go through Redis and run on either."""
+    redis = RedisServer(tmp_path / "redis").start()
+    second = tmp_path / "second"
+    second.mkdir()
+    env = dict(os.environ, COMFY_NUM_GPUS="2", PYTHONPATH=str(HERE / "helpers"), COMFY_MULTIGPU_JOURNAL="off",
+               COMFY_MULTIGPU_FLEET=redis.url, COMFY_MULTIGPU_NODE_NAME="a",
+               COMFY_MULTIGPU_TEST_SECOND_MACHINE=str(second),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for key in ("COMFY_MULTI_GPU_SCHED", "COMFY_MULTIGPU_TEST_PIN", "COMFY_MULTIGPU_WORKER_MODE"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "pytest", *SUITES, "-q", "-p", "pin_gpu_plugin", "-p", "no:cacheprovider",
+           "--port", str(free_port()), "--output_dir", str(tmp_path / "out"), "-o", "addopts="]
+    try:
+        proc = subprocess.run(cmd, cwd=comfyui_dir, env=env, capture_output=True, text=True, timeout=900)
+        client = redis.client()
+        entries = [json.loads(client.get(key)) for key in client.scan_iter(match="cmg:hist:*", count=500)]
+    finally:
+        redis.stop()
+    tail = proc.stdout[-4000:]
+    assert proc.returncode == 0, tail
+    summary = [line for line in proc.stdout.splitlines() if " passed" in line][-1]
+    assert "195 passed" in summary and "failed" not in summary, summary
+    nodes = {}
+    for entry in entries:
+        nodes[entry["node"]] = nodes.get(entry["node"], 0) + 1
+    assert sum(nodes.values()) > 100 and set(nodes) <= {"a", "b"}, nodes
+    print("prompts per machine:", nodes)

@@ -3,14 +3,24 @@
 With COMFY_MULTIGPU_TEST_PIN=<n> every HTTP request and WebSocket the host's tests make carries
 X-TARGET-GPU: <n>. Either way, the gpu_id of every POST /prompt answer is recorded and written as
 JSON to COMFY_MULTIGPU_TEST_REPORT at the end, so the caller can check where the prompts ran.
+
+With COMFY_MULTIGPU_TEST_SECOND_MACHINE=<dir> (and COMFY_MULTIGPU_FLEET set), every ComfyUI server the
+host's tests start gets a twin: a second fleet member ("b") with the same arguments on another port,
+started and killed with it, so the tests talk to machine "a" of a two-machine fleet whose machines
+run the same configuration (the host's tests restart their server with other cache settings).
 """
 import io
 import json
 import os
+import socket
+import subprocess
 import urllib.request
 
 PIN = os.environ.get("COMFY_MULTIGPU_TEST_PIN")
 REPORT = os.environ.get("COMFY_MULTIGPU_TEST_REPORT")
+SECOND = os.environ.get("COMFY_MULTIGPU_TEST_SECOND_MACHINE")
+_popen = subprocess.Popen
+_twins = 0
 placements = []
 _urlopen = urllib.request.urlopen
 
@@ -40,8 +50,40 @@ def urlopen(url, *args, **kwargs):
     return resp
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def popen(args, *rest, **kwargs):
+    """subprocess.Popen; a ComfyUI server (main.py) also starts its twin, machine "b" of the fleet."""
+    global _twins
+    proc = _popen(args, *rest, **kwargs)
+    if not isinstance(args, (list, tuple)) or "main.py" not in [str(a) for a in args] or "--port" not in args:
+        return proc
+    _twins += 1
+    twin_args = [str(a) for a in args]
+    twin_args[twin_args.index("--port") + 1] = str(_free_port())
+    twin_args += ["--database-url", f"sqlite:///{SECOND}/twin-{_twins}.db"]
+    env = dict(kwargs.get("env") or os.environ, COMFY_MULTIGPU_NODE_NAME="b")
+    log = open(os.path.join(SECOND, f"twin-{_twins}.log"), "w")
+    twin = _popen(twin_args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=kwargs.get("cwd"))
+    kill = proc.kill
+
+    def kill_both():
+        kill()
+        twin.kill()
+        twin.wait()
+        log.close()
+    proc.kill = kill_both
+    return proc
+
+
 def pytest_configure(config):
     urllib.request.urlopen = urlopen
+    if SECOND:
+        subprocess.Popen = popen
     if PIN is not None:
         import websocket
         connect = websocket.WebSocket.connect
