@@ -103,7 +103,9 @@ class FleetIntake:
         """Its GPU is free and nothing waits on this machine (a prompt that needs several of its GPUs
         waits until they are free: the others take nothing new meanwhile)."""
         local = self.scheduler.local
-        return (not self._stop.is_set() and not worker.down and not local.draining and worker.lease is None
+        # (the scheduler's state, not worker.lease: the worker clears that only after the finish that
+        # pokes this thread)
+        return (not self._stop.is_set() and not worker.down and not local.draining
                 and local.tasks_remaining([worker.gpu_id]) == 0 and local.snapshot().pending_count == 0)
 
     def _taker(self, worker) -> None:
@@ -180,7 +182,7 @@ class FleetIntake:
     def _upkeep(self) -> None:
         self._connect()
         period = max(0.2, min(self.settings.lease_s / 3, REGISTRY_TTL_S / 3))
-        while not self._stop.wait(period):
+        while not self._stop.is_set():
             try:
                 self._register()
                 self._renew()
@@ -191,6 +193,7 @@ class FleetIntake:
                 self._unreachable(ex)
             except Exception:
                 logger.exception("Fleet: upkeep pass failed")
+            self._stop.wait(period)
 
     def machine_info(self) -> dict:
         snap = self.scheduler.local.snapshot()
