@@ -1,7 +1,8 @@
 """ComfyUI's own execution suites (tests/execution in the pinned tree) pass against servers running
-the extension with 2 workers: once with default routing, once with every request pinned to GPU 1,
-once with process workers (COMFY_MULTIGPU_WORKER_MODE=process: each GPU's prompts in a child process),
-and once through machine "a" of a two-machine fleet (COMFY_MULTIGPU_FLEET, a real redis-server).
+the extension with 2 workers: once with default routing, once with process workers
+(COMFY_MULTIGPU_WORKER_MODE=process: each GPU's prompts in a child process) and every request pinned
+to GPU 1 (one run for both, to keep the suite's time), and once through machine "a" of a two-machine
+fleet (COMFY_MULTIGPU_FLEET, a real redis-server).
 The host's tests start their own servers (python main.py ... --cpu); COMFY_NUM_GPUS=2 in their
 environment and the extension linked into the host's custom_nodes/ make those servers ours."""
 import json
@@ -20,8 +21,8 @@ SUITES = ["tests/execution/test_execution.py", "tests/execution/test_async_nodes
           "tests/execution/test_progress_isolation.py", "tests/execution/test_public_api.py"]
 
 
-@pytest.mark.parametrize("pin, mode", [(None, "thread"), ("1", "thread"), (None, "process")],
-                         ids=["default-routing", "pinned-gpu1", "process-workers"])
+@pytest.mark.parametrize("pin, mode", [(None, "thread"), ("1", "process")],
+                         ids=["default-routing", "process-workers-pinned-gpu1"])
 def test_comfyui_execution_suites_pass_with_two_workers(comfyui_dir, tmp_path, pin, mode):
     link = comfyui_dir / "custom_nodes" / "comfy-multigpu"
     assert link.resolve() == HERE.parent, f"{link} must link to this checkout (scripts/bootstrap.py does it)"
@@ -71,16 +72,12 @@ def test_comfyui_execution_suites_pass_through_one_machine_of_a_two_machine_flee
            "--port", str(free_port()), "--output_dir", str(tmp_path / "out"), "-o", "addopts="]
     try:
         proc = subprocess.run(cmd, cwd=comfyui_dir, env=env, capture_output=True, text=True, timeout=900)
-        client = redis.client()
-        entries = [json.loads(client.get(key)) for key in client.scan_iter(match="cmg:hist:*", count=500)]
+        nodes = json.loads((second / "nodes.json").read_text())
     finally:
         redis.stop()
     tail = proc.stdout[-4000:]
     assert proc.returncode == 0, tail
     summary = [line for line in proc.stdout.splitlines() if " passed" in line][-1]
     assert "195 passed" in summary and "failed" not in summary, summary
-    nodes = {}
-    for entry in entries:
-        nodes[entry["node"]] = nodes.get(entry["node"], 0) + 1
     assert sum(nodes.values()) > 100 and set(nodes) <= {"a", "b"}, nodes
     print("prompts per machine:", nodes)

@@ -21,6 +21,7 @@ REPORT = os.environ.get("COMFY_MULTIGPU_TEST_REPORT")
 SECOND = os.environ.get("COMFY_MULTIGPU_TEST_SECOND_MACHINE")
 _popen = subprocess.Popen
 _twins = 0
+_nodes: dict = {}          # machine -> prompts it ran (fleet history entries), over every server start
 placements = []
 _urlopen = urllib.request.urlopen
 
@@ -56,12 +57,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tally_and_flush(flush: bool = True) -> None:
+    """Count the fleet's history entries by the machine that ran them (nodes.json), then empty it."""
+    import redis
+    client = redis.Redis.from_url(os.environ["COMFY_MULTIGPU_FLEET"])
+    for key in client.scan_iter(match="cmg:hist:*", count=500):
+        value = client.get(key)
+        if value:
+            node = json.loads(value).get("node")
+            _nodes[node] = _nodes.get(node, 0) + 1
+    if flush:
+        client.flushdb()
+    with open(os.path.join(SECOND, "nodes.json"), "w") as f:
+        json.dump(_nodes, f)
+
+
 def popen(args, *rest, **kwargs):
     """subprocess.Popen; a ComfyUI server (main.py) also starts its twin, machine "b" of the fleet."""
     global _twins
-    proc = _popen(args, *rest, **kwargs)
     if not isinstance(args, (list, tuple)) or "main.py" not in [str(a) for a in args] or "--port" not in args:
-        return proc
+        return _popen(args, *rest, **kwargs)
+    # A fresh fleet for every server the host's tests start: they expect each start to begin with an
+    # empty history, as stock's memory-only queue does (the fleet's history outlives its machines).
+    _tally_and_flush()
+    proc = _popen(args, *rest, **kwargs)
     _twins += 1
     twin_args = [str(a) for a in args]
     twin_args[twin_args.index("--port") + 1] = str(_free_port())
@@ -95,6 +114,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    if SECOND:
+        _tally_and_flush(flush=False)
     if REPORT:
         with open(REPORT, "w") as f:
             json.dump(placements, f)
