@@ -65,6 +65,7 @@ def handoff(base: Path, count: int) -> dict:
             a.wait(pid)
         time.sleep(1.0)
         client = redis.client()
+        calls_before = sum(m.get("/multigpu/fleet")["redis_calls"] for m in fleet)
         before, t_before = commandstats(client), time.time()
         samples = []
         for i in range(count):
@@ -73,8 +74,10 @@ def handoff(base: Path, count: int) -> dict:
             entry = a.wait(pid)[pid]
             samples.append(wf.ui(entry, "1", "t0") - sent)
         after, elapsed = commandstats(client), time.time() - t_before
+        round_trips = sum(m.get("/multigpu/fleet")["redis_calls"] for m in fleet) - calls_before
         calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         out["fleet"] = percentiles(samples)
+        out["round_trips"] = round_trips / count
         out["calls"] = {k: v / count for k, v in sorted(calls.items()) if v}
         out["seconds"] = elapsed
         # idle: what 4 idle GPUs and 2 machines send in 10 s with nothing to do
@@ -181,24 +184,31 @@ def report(hand, results, jobs, bound, opts) -> str:
     if hand:
         (f50, f99), (l50, l99) = hand["fleet"], hand["local"]
         calls = ", ".join(f"{k} {v:.1f}" for k, v in hand["calls"].items())
+        executed = sum(hand["calls"].values())
         idle = ", ".join(f"{k} {v}" for k, v in sorted(hand["idle_10s"].items()))
         lines += [f"Hand-off, {opts.handoffs} prompts one at a time (an MGSleep(0) node; POST to its start, on the "
                   f"node's clock): posted at machine a for an idle GPU of machine b (X-TARGET-NODE) p50 {f50:.1f} ms "
                   f"/ p99 {f99:.1f} ms; on one machine without a fleet (in-process queue, X-TARGET-GPU) p50 "
                   f"{l50:.1f} ms / p99 {l99:.1f} ms.", "",
-                  f"Redis commands per prompt during the hand-off run (2 machines x 2 GPUs, including each "
-                  f"machine's upkeep every lease/3): {calls}. With nothing to do for 10 s the whole fleet sent: "
-                  f"{idle} (XREAD is the blocking read of idle GPUs; FCALL the take, renew, reap calls).", ""]
+                  f"Per prompt during the hand-off run (2 machines x 2 GPUs, each machine's upkeep every "
+                  f"lease/3 included): {hand['round_trips']:.1f} round trips to Redis from the machines "
+                  f"(FCALL {hand['calls'].get('fcall', 0):.1f}: enqueue, take, renew, complete, reap; XREAD "
+                  f"{hand['calls'].get('xread', 0):.1f}: an idle GPU's blocking read returning), and "
+                  f"{executed:.0f} commands executed by Redis, those inside the functions included: {calls}.",
+                  "", f"With nothing to do for 10 s the whole fleet (4 idle GPUs) made Redis execute: {idle} "
+                  f"(XREAD is the blocking read of idle GPUs, up to 5 s each; FCALL the takes and each machine's "
+                  f"reaping pass).", ""]
     lines += [f"Batch: {len(jobs)} prompts (seed {opts.seed}, none pinned, total work {sum(j.seconds for j in jobs):.1f} s, "
               f"a model load costs {opts.load:g} s), all submitted at once to 2 comfy-multigpu machines x 2 "
               f"workers. Lower bound {bound:.2f} s. Killed: machine b got SIGKILL once a third of the prompts had "
               f"finished.", "",
-              "| front | makespan (s) | efficiency | model loads | killed mid-batch: finished / lost |",
-              "|---|---|---|---|---|"]
+              "| front | makespan (s) | efficiency | model loads | killed mid-batch: finished / lost | "
+              "killed: makespan of what finished (s) |",
+              "|---|---|---|---|---|---|"]
     for kind in ("fleet", "balancer", "least_conn"):
         r, k = results[(kind, False)], results[(kind, True)]
         lines.append(f"| {labels[kind]} | {r['makespan']:.2f} | {bound / r['makespan']:.3f} | {r['loads']} | "
-                     f"{k['finished']} / {k['lost']} |")
+                     f"{k['finished']} / {k['lost']} | {k['makespan']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

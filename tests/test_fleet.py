@@ -2,7 +2,7 @@
 redis-server started here (append-only file, fsync always), all on loopback. Machine c reaches Redis
 through a TCP proxy that can drop traffic (a partition). The oracle everywhere: every prompt answered
 200 ends with exactly one terminal history entry, no prompt succeeds twice, every output can be
-fetched from every machine."""
+fetched from every machine. Machine c runs its GPU's prompts in a process worker."""
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +23,10 @@ from helpers.tcp_proxy import TcpProxy
 
 from comfy_multigpu.policy.config import ConfigError, resolve_settings
 
+
 LEASE_S = 3.0
 ABSENT_S = 4.0
+PROCESS_MODE = {"COMFY_MULTIGPU_WORKER_MODE": "process"}
 
 
 class Fleet:
@@ -62,10 +64,11 @@ def fleet(comfyui_dir, fixtures_dir, tmp_path_factory):
     proxy = TcpProxy(redis.port).start()
     machines = {}
     try:
-        for name, workers, url in (("a", 2, redis.url), ("b", 2, redis.url),
-                                   ("c", 1, f"redis://127.0.0.1:{proxy.port}/0")):
-            machines[name] = ComfyServer(comfyui_dir, base / name, workers=workers, env=machine_env(url, name),
-                                         fixtures=fixtures_dir).start()
+        # c: one GPU with a process worker (fleet mode with COMFY_MULTIGPU_WORKER_MODE=process)
+        for name, workers, url, mode in (("a", 2, redis.url, {}), ("b", 2, redis.url, {}),
+                                         ("c", 1, f"redis://127.0.0.1:{proxy.port}/0", PROCESS_MODE)):
+            machines[name] = ComfyServer(comfyui_dir, base / name, workers=workers,
+                                         env={**machine_env(url, name), **mode}, fixtures=fixtures_dir).start()
         yield Fleet(redis, proxy, machines)
     finally:
         for server in machines.values():
@@ -302,20 +305,27 @@ def test_view_queue_interrupt_delete_and_upload_work_across_machines(fleet):
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
     fleet.settle()
     assert b.get(f"/history/{waiting}") == {}
-    # an image uploaded at b is loaded by a prompt that runs on a
+    # an image uploaded at b: loaded by a prompt sent at b that runs on a (a fetches it to run it), and
+    # by one sent at a (a fetches it before validating the prompt)
+    for door, runs_on in ((b, "a"), (a, None)):
+        uploaded = upload_png(b, f"fleet-up-{door.port}.png")
+        prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": uploaded["name"]}},
+                  "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "fleetup"}}}
+        pid = door.submit(prompt, headers={"X-TARGET-NODE": runs_on} if runs_on else {})["prompt_id"]
+        entry = door.wait(pid, timeout=30)[pid]
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        assert runs_on is None or entry["node"] == runs_on
+
+
+def upload_png(server: ComfyServer, name: str) -> dict:
     import io
     from PIL import Image
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"fleet-up.png\"\r\n"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
             f"Content-Type: image/png\r\n\r\n").encode() + png.getvalue() + f"\r\n--{boundary}--\r\n".encode()
-    uploaded = b.request("POST", "/upload/image", raw=body, content_type=f"multipart/form-data; boundary={boundary}")
-    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": uploaded["name"]}},
-              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "fleetup"}}}
-    pid = b.submit(prompt, headers={"X-TARGET-NODE": "a"})["prompt_id"]
-    entry = b.wait(pid, timeout=30)[pid]
-    assert entry["status"]["status_str"] == "success" and entry["node"] == "a", entry["status"]
+    return server.request("POST", "/upload/image", raw=body, content_type=f"multipart/form-data; boundary={boundary}")
 
 
 # ---- faults ------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The HTTP side of a fleet member: /view of a file another machine holds (streamed from it, byte for
-byte), uploads noted so the machine that runs a prompt can fetch them, and /multigpu/fleet (machines,
-lanes, leases, counters). Host objects touched: none (stock handlers answer first; see middleware.py).
+byte), uploads noted so that any machine can fetch them (the door before it validates a prompt, the
+machine that runs it before it runs), and /multigpu/fleet (machines, lanes, leases, counters). Host objects touched: none (stock handlers answer first; see middleware.py).
 """
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ from ..fleet.store import ERRORS
 logger = logging.getLogger("comfy_multigpu")
 
 PROXIED_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-Control")
+
+
+async def before_stock(request: web.Request, path: str, data: dict, fleet) -> None:
+    """POST /prompt at a fleet member: inputs uploaded at another machine are fetched before the
+    stock handler validates the prompt (it checks that each file exists here)."""
+    if request.method != "POST" or path != "/prompt" or not isinstance(data.get("prompt"), dict):
+        return
+    try:
+        await asyncio.to_thread(fleet.inputs.fetch_for, data["prompt"])
+    except Exception as ex:          # validation then names the missing file, as stock does
+        logger.warning("Fleet: could not fetch the inputs of a prompt before validating it: %s", ex)
 
 
 async def after_stock(request: web.Request, path: str, response: web.StreamResponse, fleet) -> web.StreamResponse:

@@ -90,38 +90,40 @@ class FleetInputs:
         self.store.note_file("uploads", file_key(kind, answer.get("subfolder") or "", answer["name"]))
 
     def fetch_for(self, graph: dict) -> int:
-        """Bring every uploaded input the prompt names that this machine lacks; returns how many."""
+        """Bring every uploaded input the prompt names that this machine lacks (one look-up in Redis
+        for all of them); returns how many were fetched."""
         import folder_paths
-        count = 0
+        wanted = {}
         for value in _strings(graph):
             name = re.sub(r"\s*\[(input|output|temp)\]$", "", value)
             subfolder, _, filename = name.rpartition("/")
-            if not filename or ".." in name.split("/"):
+            if not filename or ".." in name.split("/") or len(name) > 1024:
                 continue
             path = os.path.join(folder_paths.get_input_directory(), subfolder, filename)
-            if os.path.exists(path):
-                continue
-            try:
-                owner = self.store.file_owner("uploads", file_key("input", subfolder, filename))
-            except ERRORS:
-                return count
+            if not os.path.exists(path):
+                wanted[file_key("input", subfolder, filename)] = (subfolder, filename, path)
+        if not wanted:
+            return 0
+        count = 0
+        for key, owner in zip(wanted, self.store.file_owners("uploads", list(wanted))):
             if owner is None or owner == self.store.node:
                 continue
+            subfolder, filename, path = wanted[key]
             url = self.machines().get(owner, {}).get("url")
             if not url:
-                logger.warning("Fleet: input %s is on machine %s, which is not up", name, owner)
+                logger.warning("Fleet: input %s is on machine %s, which is not up", filename, owner)
                 continue
             query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": "input"})
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with urllib.request.urlopen(f"{url}/view?{query}", timeout=FETCH_TIMEOUT_S) as answer:
                 data = answer.read()
-            partial = path + ".part"
+            partial = f"{path}.{os.getpid()}.part"
             with open(partial, "wb") as out:
                 out.write(data)
             os.replace(partial, path)
             count += 1
             self.fetched += 1
-            logger.info("Fleet: fetched input %s from machine %s (%d bytes)", name, owner, len(data))
+            logger.info("Fleet: fetched input %s from machine %s (%d bytes)", key, owner, len(data))
         return count
 
 

@@ -151,8 +151,10 @@ class FleetIntake:
         GPUs of the fleet that hold the model: their prompts wait for one of them a while if it is idle)."""
         pools = [name for name, gpus in self.scheduler.pools.items() if worker.gpu_id in gpus and name != "all"]
         warm = [key for key in reversed(worker.recent_models()) if fleet_lanes.affinity_model([key]) == key]
-        lanes = fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
-        steal = fleet_lanes.steal_lanes(self.store.lanes(), lanes)
+        existing = self.store.lane_set()   # (a lane made after this read rings the bell: read again)
+        lanes = [name for name in fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
+                 if name in existing]
+        steal = fleet_lanes.steal_lanes(sorted(existing), lanes)
         holders = self._holders() if steal else {}     # (also refreshes the registry)
         me = f"{self.settings.node}:{worker.gpu_id}"
         warm = []

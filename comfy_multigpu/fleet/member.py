@@ -93,7 +93,7 @@ class FleetMember:
         out = {"node": self.settings.node, "url": self.node_url, "redis": self.settings.safe_url,
                "reachable": self.reachable, "redis_version": self.intake.version,
                "lease_s": self.settings.lease_s, "attempts": self.settings.attempts,
-               "taken_here": self.intake.takes, "take_calls": self.intake.take_calls,
+               "taken_here": self.intake.takes, "take_calls": self.intake.take_calls, "redis_calls": self.store.calls,
                "bell_wakeups": self.intake.wakeups,
                "completions_fenced_here": self.scheduler.fenced,
                "events_published": self.relay.published if self.relay else 0,

@@ -179,6 +179,9 @@ class FleetStore:
     def lanes(self) -> list[str]:
         return sorted(_s(v) for v in self._call("SMEMBERS", P + "lanes"))
 
+    def lane_set(self) -> set:
+        return {_s(v) for v in self._call("SMEMBERS", P + "lanes")}
+
     def lane_backlog(self) -> dict:
         """lane -> (waiting, leased) counts."""
         out = {}
@@ -268,6 +271,10 @@ class FleetStore:
     def file_owner(self, kind: str, key: str) -> Optional[str]:
         value = self._call("HGET", P + kind, key)
         return _s(value) if value else None
+
+    def file_owners(self, kind: str, keys: list) -> list:
+        values = self._call("HMGET", P + kind, *keys)
+        return [_s(v) if v else None for v in values]
 
     def note_file(self, kind: str, key: str) -> None:
         self._call("HSET", P + kind, key, self.node)
