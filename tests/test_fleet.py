@@ -65,7 +65,8 @@ def fleet(comfyui_dir, fixtures_dir, tmp_path_factory):
     machines = {}
     try:
         # c: one GPU with a process worker (fleet mode with COMFY_MULTIGPU_WORKER_MODE=process)
-        for name, workers, url, mode in (("a", 2, redis.url, {}), ("b", 2, redis.url, {}),
+        pools = {"COMFY_MULTIGPU_POOLS": "fast=1"}          # GPU 1 of a and of b form pool "fast"
+        for name, workers, url, mode in (("a", 2, redis.url, pools), ("b", 2, redis.url, pools),
                                          ("c", 1, f"redis://127.0.0.1:{proxy.port}/0", PROCESS_MODE)):
             machines[name] = ComfyServer(comfyui_dir, base / name, workers=workers,
                                          env={**machine_env(url, name), **mode}, fixtures=fixtures_dir).start()
@@ -159,6 +160,21 @@ def test_pins_to_a_machine_and_to_a_gpu_of_it_hold(fleet):
     assert {ran_on(entries[p])[0] for p in to_b} == {"b"}
     assert {ran_on(entries[p]) for p in to_b1} == {("b", 1)}
     assert {ran_on(entries[p]) for p in here1} == {("b", 1)}
+
+
+def test_pools_one_image_on_several_gpus_and_preload_keep_working_in_a_fleet(fleet):
+    a, b = fleet["a"], fleet["b"]
+    fleet.settle()
+    pooled = [a.submit(wf.sleep(0.3, i), headers={"X-GPU-POOL": "fast"})["prompt_id"] for i in range(4)]
+    gang = a.submit(wf.flux(2), headers={"X-TARGET-NODE": "b"})["prompt_id"]
+    auto = a.submit(wf.flux(1), headers={"X-TARGET-NODE": "a", "X-SEQUENCE-PARALLEL": "2"})["prompt_id"]
+    entries = assert_one_terminal_entry_each(fleet, pooled + [gang, auto], a)
+    assert {ran_on(entries[p]) for p in pooled} <= {("a", 1), ("b", 1)}, [ran_on(entries[p]) for p in pooled]
+    for pid, node in ((gang, "b"), (auto, "a")):
+        assert entries[pid]["status"]["status_str"] == "success" and entries[pid]["node"] == node
+        assert sorted(entries[pid]["gpu_ids"]) == [0, 1]
+    answer = a.post("/preload", {"model": wf.CHECKPOINT, "type": "checkpoint", "gpus": [0]})
+    assert answer["gpus"] == {"0": "on_device"}, answer
 
 
 def test_bad_targets_are_400_naming_the_valid_values(fleet):
