@@ -19,21 +19,24 @@ logger = logging.getLogger("comfy_multigpu")
 PROXIED_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-Control")
 
 
-async def before_stock(request: web.Request, path: str, data: dict, fleet) -> None:
-    """POST /prompt at a fleet member: inputs uploaded at another machine are fetched before the
-    stock handler validates the prompt (it checks that each file exists here)."""
+async def before_stock(request: web.Request, path: str, data: dict, fleet):
+    """Before the stock handler: GET /view of a file the fleet's index says another machine made is
+    streamed from it (this machine may hold an older file of the same name); POST /prompt fetches the
+    inputs uploaded at another machine, since the stock handler validates that each file exists here.
+    Returns the answer to give instead of the stock one, or None."""
+    if request.method == "GET" and path == "/view":
+        return await proxy_view(request, fleet)
     if request.method != "POST" or path != "/prompt" or not isinstance(data.get("prompt"), dict):
-        return
+        return None
     try:
         await asyncio.to_thread(fleet.inputs.fetch_for, data["prompt"])
     except Exception as ex:          # validation then names the missing file, as stock does
         logger.warning("Fleet: could not fetch the inputs of a prompt before validating it: %s", ex)
+    return None
 
 
 async def after_stock(request: web.Request, path: str, response: web.StreamResponse, fleet) -> web.StreamResponse:
-    """What a fleet adds to a stock answer: a /view this machine could not serve, an upload noted."""
-    if request.method == "GET" and path == "/view" and response.status == 404:
-        return await proxy_view(request, fleet) or response
+    """What a fleet adds to a stock answer: an upload noted."""
     if request.method == "POST" and path in ("/upload/image", "/upload/mask") and response.status == 200:
         try:
             answer = json.loads(response.body)

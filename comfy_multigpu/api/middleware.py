@@ -88,7 +88,9 @@ def make_middleware(queue, overrides: Mapping[tuple, Override]):
             if override is not None:
                 return await override(request, queue, data)
             if pool.fleet is not None:
-                await fleet_http.before_stock(request, path, data, pool.fleet)
+                instead = await fleet_http.before_stock(request, path, data, pool.fleet)
+                if instead is not None:
+                    return instead
             response = await _stock(request, handler, method, path)
             if pool.fleet is not None:
                 response = await fleet_http.after_stock(request, path, response, pool.fleet)

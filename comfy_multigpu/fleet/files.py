@@ -93,13 +93,18 @@ class FleetInputs:
         """Bring every uploaded input the prompt names that this machine lacks (one look-up in Redis
         for all of them); returns how many were fetched."""
         import folder_paths
+        base = os.path.realpath(folder_paths.get_input_directory())
         wanted = {}
         for value in _strings(graph):
             name = re.sub(r"\s*\[(input|output|temp)\]$", "", value)
-            subfolder, _, filename = name.rpartition("/")
-            if not filename or ".." in name.split("/") or len(name) > 1024:
+            if len(name) > 1024 or "\\" in name or "\x00" in name or name.startswith("/"):
                 continue
-            path = os.path.join(folder_paths.get_input_directory(), subfolder, filename)
+            subfolder, _, filename = name.rpartition("/")
+            if not filename or ".." in name.split("/"):
+                continue
+            path = os.path.realpath(os.path.join(base, subfolder, filename))
+            if not path.startswith(base + os.sep):
+                continue                    # never outside the input folder
             if not os.path.exists(path):
                 wanted[file_key("input", subfolder, filename)] = (subfolder, filename, path)
         if not wanted:
@@ -115,7 +120,7 @@ class FleetInputs:
                 continue
             query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": "input"})
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with urllib.request.urlopen(f"{url}/view?{query}", timeout=FETCH_TIMEOUT_S) as answer:
+            with _NO_REDIRECTS.open(f"{url}/view?{query}", timeout=FETCH_TIMEOUT_S) as answer:
                 data = answer.read()
             partial = f"{path}.{os.getpid()}.part"
             with open(partial, "wb") as out:
@@ -125,6 +130,16 @@ class FleetInputs:
             self.fetched += 1
             logger.info("Fleet: fetched input %s from machine %s (%d bytes)", key, owner, len(data))
         return count
+
+
+class _Refuse(urllib.request.HTTPRedirectHandler):
+    """Inputs come from the machine the fleet's index names, never from where it redirects."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_Refuse)
 
 
 def _strings(value):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from typing import Optional
 
 from ..policy import fleet_lanes
@@ -29,6 +30,8 @@ class FleetIntake:
         self.pool = pool
         self.node_url = node_url
         self.reachable = False              # Redis answered the last call
+        self._since: Optional[float] = None # monotonic time since when Redis has answered
+        self.instance = uuid.uuid4().hex    # tells this server's registration from another's
         self.version = ""                   # the Redis server's version, once connected
         self.takes = 0                      # prompts taken by this machine's GPUs
         self.take_calls = 0                 # calls of the take function (taken or not)
@@ -76,11 +79,14 @@ class FleetIntake:
         while not self._stop.is_set():
             try:
                 self.version = self.store.load_library()
+                if self._name_taken():
+                    self._stop.wait(REGISTRY_TTL_S)
+                    continue
                 for prompt_id, action in self.store.reap(0, self.settings.attempts,
                                                          consumer_prefix=f"{self.settings.node}:"):
                     logger.warning("Fleet: prompt %s was running here when this machine stopped: %s",
                                    prompt_id, action)
-                self.reachable = True
+                self._ok()
                 self._ready.set()
                 logger.info("comfy-multigpu: fleet member %r of %s (Redis %s): lease %.0f s, %d attempt(s), "
                             "steal delay %.1f s", self.settings.node, self.settings.safe_url, self.version,
@@ -93,10 +99,34 @@ class FleetIntake:
             self._stop.wait(delay)
             delay = min(delay * 2, 5.0)
 
+    def _name_taken(self) -> bool:
+        """Another running server is registered under this machine's name (it renews its registration:
+        a dead one's stays still). Joining would mix up both machines' leases: refuse, loudly."""
+        first = self.store.machines().get(self.settings.node)
+        if not first or first.get("instance") == self.instance:
+            return False
+        self._stop.wait(self._period() + 1.0)
+        again = self.store.machines().get(self.settings.node)
+        if not again or again.get("time") == first.get("time") or again.get("instance") == self.instance:
+            return False                # a previous run of this machine that stopped: take its place
+        logger.error("comfy-multigpu: fleet: another server (%s) is registered as machine %r; this one does "
+                     "not take prompts until it is gone. Give each server its own COMFY_MULTIGPU_NODE_NAME.",
+                     again.get("url"), self.settings.node)
+        return True
+
+    def _period(self) -> float:
+        return max(0.2, min(self.settings.lease_s / 3, REGISTRY_TTL_S / 3))
+
     def _unreachable(self, ex: BaseException) -> None:
         if self.reachable:
             logger.warning("Fleet: Redis at %s cannot be reached (%s); reconnecting", self.settings.safe_url, ex)
         self.reachable = False
+        self._since = None
+
+    def _ok(self) -> None:
+        if not self.reachable:
+            self._since = time.monotonic()
+        self.reachable = True
 
     # ---- takers --------------------------------------------------------------------------------
     def _can_take(self, worker) -> bool:
@@ -121,18 +151,19 @@ class FleetIntake:
             try:
                 if bell is None:
                     bell = self.store.bell_id()
-                lanes, steal, warm = self._lanes_of(worker)
+                order = self._lanes_of(worker)
                 self.take_calls += 1
-                taken, due = self.store.take(lanes, steal, consumer, worker.gpu_id, self.settings.steal_s, warm)
-                self.reachable = True
+                taken, due = self.store.take(order, consumer, worker.gpu_id, self.settings.steal_s)
+                self._ok()
                 if taken is not None:
                     self.takes += 1
                     logger.info("[GPU %s] Fleet: took %s from %s (attempt %d)", worker.gpu_id, taken.prompt_id,
                                 fleet_lanes.split_lane(taken.lane)[1], taken.attempts)
+                    self.scheduler.hold(taken)          # renewed while its inputs are fetched
                     self.before_run(taken)
                     self.scheduler.run_locally(taken, worker.gpu_id)
                     continue
-                bell = self.store.wait_bell(bell, IDLE_BLOCK_S if due < 0 else max(0.02, due + 0.01))
+                bell = self.store.wait_bell(bell, IDLE_BLOCK_S if due < 0 else min(IDLE_BLOCK_S, max(0.02, due + 0.01)))
                 self.wakeups += 1
                 if not self._can_take(worker):
                     self.store.not_idle(consumer)
@@ -146,26 +177,28 @@ class FleetIntake:
                 logger.exception("[GPU %s] Fleet: taking a prompt failed", worker.gpu_id)
                 self._stop.wait(1.0)
 
-    def _lanes_of(self, worker) -> tuple[list, list, list]:
-        """(lanes read now in order, model lanes of models it does not hold, and for each of those the
-        GPUs of the fleet that hold the model: their prompts wait for one of them a while if it is idle)."""
+    def _lanes_of(self, worker) -> list:
+        """(lane, GPUs it prefers) in reading order: band by band, this GPU's own lanes (pinned to it,
+        its machine, its home lane, pools, models it holds, any), then the lanes it may steal from:
+        other GPUs' home lanes and model lanes of models it does not hold (they wait for an idle GPU
+        they prefer for the steal delay)."""
         pools = [name for name, gpus in self.scheduler.pools.items() if worker.gpu_id in gpus and name != "all"]
         warm = [key for key in reversed(worker.recent_models()) if fleet_lanes.affinity_model([key]) == key]
         existing = self.store.lane_set()   # (a lane made after this read rings the bell: read again)
-        lanes = [name for name in fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
-                 if name in existing]
-        steal = fleet_lanes.steal_lanes(sorted(existing), lanes)
+        own = [name for name in fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
+               if name in existing]
+        steal = fleet_lanes.steal_lanes(sorted(existing), own)
         holders = self._holders() if steal else {}     # (also refreshes the registry)
         me = f"{self.settings.node}:{worker.gpu_id}"
-        warm = []
+        prefer = {}
         for name in steal:
             target = fleet_lanes.split_lane(name)[1]
             if target.startswith("h:"):       # the home GPU, while its machine is registered
                 home = target[2:]
-                warm.append([home] if home.rpartition(":")[0] in self._registry[1] else [])
+                prefer[name] = [home] if home.rpartition(":")[0] in self._registry[1] else []
             else:
-                warm.append([c for c in holders.get(target[2:], ()) if c != me])
-        return lanes, steal, warm
+                prefer[name] = [c for c in holders.get(target[2:], ()) if c != me]
+        return fleet_lanes.read_order(own, steal, prefer)
 
     def _holders(self) -> dict:
         """model key -> consumers ("<machine>:<gpu>") that hold it, from the machines' registrations."""
@@ -183,14 +216,14 @@ class FleetIntake:
     # ---- upkeep ------------------------------------------------------------------------------
     def _upkeep(self) -> None:
         self._connect()
-        period = max(0.2, min(self.settings.lease_s / 3, REGISTRY_TTL_S / 3))
+        period = self._period()
         while not self._stop.is_set():
             try:
                 self._register()
                 self._renew()
                 self.scheduler.retry_completions()
                 self._reap()
-                self.reachable = True
+                self._ok()
             except ERRORS as ex:
                 self._unreachable(ex)
             except Exception:
@@ -205,7 +238,8 @@ class FleetIntake:
                          "idle": not worker.down and not q.busy and q.pending_count == 0,
                          "running": len(q.running), "pending": q.pending_count,
                          "models": [k for k in worker.recent_models() if fleet_lanes.affinity_model([k]) == k]})
-        return {"url": self.node_url, "gpus": gpus, "draining": self.scheduler.draining, "time": time.time()}
+        return {"url": self.node_url, "gpus": gpus, "draining": self.scheduler.draining, "time": time.time(),
+                "instance": self.instance}
 
     def _register(self) -> None:
         self.store.register(self.machine_info())
@@ -218,6 +252,10 @@ class FleetIntake:
                 self.scheduler.lost(taken.prompt_id)
 
     def _reap(self) -> None:
+        # Not in the first lease after (re)connecting: an outage ages every lease in Redis, and the
+        # machines that are alive renew theirs within lease/3 of reconnecting.
+        if self._since is None or time.monotonic() - self._since < self.settings.lease_s:
+            return
         for prompt_id, action in self.store.reap(self.settings.lease_s, self.settings.attempts):
             logger.warning("Fleet: lease of %s expired (its machine stopped renewing it): %s", prompt_id, action)
         self._fail_absent()

@@ -7,7 +7,14 @@
 local GROUP = 'workers'
 local P = 'cmg:'
 
+local HISTORY_MAX = 10000      -- entries kept, as stock's MAXIMUM_HISTORY_SIZE
+
 local function job_key(id) return P .. 'job:' .. id end
+
+local function now_ms()
+  local t = redis.call('TIME')          -- the server's clock: the one stream ids are made of
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 
 local function ring_bell(lane)
   redis.call('XADD', P .. 'bell', 'MAXLEN', '~', '1000', '*', 'lane', lane)
@@ -39,6 +46,13 @@ local function write_history(id, entry_json)
   redis.call('ZADD', P .. 'history', redis.call('INCR', P .. 'histseq'), id)
   redis.call('ZREM', P .. 'active', id)
   redis.call('DEL', job_key(id))
+  local extra = redis.call('ZCARD', P .. 'history') - HISTORY_MAX
+  if extra > 0 then
+    for _, old in ipairs(redis.call('ZRANGE', P .. 'history', 0, extra - 1)) do
+      redis.call('DEL', P .. 'hist:' .. old)
+    end
+    redis.call('ZREMRANGEBYRANK', P .. 'history', 0, extra - 1)
+  end
 end
 
 local function fail_job(id, lane, entry, status_json)
@@ -83,7 +97,10 @@ local function enqueue(keys, args)
   if home_band ~= '' and client ~= '' then
     -- the GPU that ran this client's last prompt holds its execution cache: its home lane first
     local home = redis.call('GET', P .. 'home:' .. client)
-    if home then lane = P .. 'lane:' .. home_band .. ':h:' .. home end
+    local machine = home and string.match(home, '^(.*):[^:]*$')
+    if machine and redis.call('EXISTS', P .. 'node:' .. machine) == 1 then
+      lane = P .. 'lane:' .. home_band .. ':h:' .. home
+    end
   end
   local number = sign * redis.call('INCR', P .. 'number')
   local fields = cjson.decode(args[4])
@@ -102,11 +119,12 @@ local function enqueue(keys, args)
   return {'ok', tostring(number), lane}
 end
 
--- take(lanes...; consumer, node, gpu, now_ms, plain_count, steal_after_ms, warm_1, warm_2, ...)
--- The first `plain_count` lanes are read in order; the others (model lanes of models this GPU does
--- not hold) only once their next entry has waited steal_after_ms, or at once when none of the GPUs
--- holding that model (warm_i: comma-separated consumers) is idle. Idle consumers are kept in cmg:idle:
--- a call that takes nothing marks its consumer idle (it blocks on the bell next).
+-- take(lanes...; consumer, node, gpu, steal_after_ms, kind_1, kind_2, ...)
+-- Lanes are read in the order given (band by band). kind_i '-': a lane of this GPU, read at once;
+-- '+c1,c2': another GPU's home lane or a model lane of a model this GPU does not hold, read once its
+-- next prompt has waited steal_after_ms, or at once when none of the GPUs it prefers (c1, c2: consumers
+-- "<machine>:<gpu>") is idle. Idle consumers are kept in cmg:idle: a call that takes nothing marks its
+-- consumer idle (it blocks on the bell next); busy:<consumer> holds the prompt it took.
 -- -> {id, token, record, sensitive, lane, entry, attempts} | {'wait', ms until a steal is due (-1: none)}
 local function next_age(lane, now)
   local groups = redis.call('XINFO', 'GROUPS', lane)
@@ -133,16 +151,17 @@ local function any_idle(list)
 end
 
 local function take(keys, args)
-  local consumer, node, gpu, now = args[1], args[2], args[3], tonumber(args[4])
-  local plain, steal_after = tonumber(args[5]), tonumber(args[6])
+  local consumer, node, gpu = args[1], args[2], args[3]
+  local steal_after, now = tonumber(args[4]), now_ms()
   local due = -1
   for i, lane in ipairs(keys) do
     if redis.call('EXISTS', lane) == 1 then
-      local allowed = i <= plain
+      local kind = args[4 + i] or '-'
+      local allowed = kind == '-'
       if not allowed then
         local age = next_age(lane, now)
         if age >= 0 then
-          allowed = age >= steal_after or not any_idle(args[6 + i - plain])
+          allowed = age >= steal_after or not any_idle(string.sub(kind, 2))
           if not allowed and (due < 0 or steal_after - age < due) then due = steal_after - age end
         end
       end
@@ -159,6 +178,7 @@ local function take(keys, args)
           redis.call('HSET', job, 'state', 'running', 'owner', consumer, 'node', node, 'gpu', gpu,
                      'started_ms', now, 'renewed_ms', now)
           redis.call('SREM', P .. 'idle', consumer)
+          redis.call('SET', P .. 'busy:' .. consumer, id)
           local rec = redis.call('HMGET', job, 'record', 'sensitive')
           return {id, token, rec[1], rec[2], lane, entry[1], attempts}
         end
@@ -175,7 +195,7 @@ local function not_idle(keys, args)
   return redis.call('SREM', P .. 'idle', args[1])
 end
 
--- renew(lane; id, token, consumer, entry, now_ms) -> 1 (still ours) | 0 (lost: stop, do not complete)
+-- renew(lane; id, token, consumer, entry) -> 1 (still ours) | 0 (lost: stop, do not complete)
 local function renew(keys, args)
   local lane = keys[1]
   local id, token, consumer, entry = args[1], args[2], args[3], args[4]
@@ -183,7 +203,7 @@ local function renew(keys, args)
   if f[1] ~= 'running' or f[2] ~= token or f[3] ~= consumer or f[4] ~= entry then return 0 end
   local claimed = redis.call('XCLAIM', lane, GROUP, consumer, 0, entry, 'JUSTID')
   if #claimed == 0 then return 0 end
-  redis.call('HSET', job_key(id), 'renewed_ms', args[5])
+  redis.call('HSET', job_key(id), 'renewed_ms', now_ms())
   return 1
 end
 
@@ -205,12 +225,17 @@ local function complete(keys, args)
   drop_entry(lane, entry)
   redis.call('HINCRBY', P .. 'stats', 'completed', 1)
   if args[7] ~= '' then redis.call('SET', P .. 'home:' .. args[7], consumer, 'EX', 3600) end
-  if args[8] == '1' then redis.call('SADD', P .. 'idle', consumer) end
+  if redis.call('GET', P .. 'busy:' .. consumer) == id then
+    -- (not when the GPU already took its next prompt)
+    redis.call('DEL', P .. 'busy:' .. consumer)
+    if args[8] == '1' then redis.call('SADD', P .. 'idle', consumer) end
+  end
   return 'OK'
 end
 
 local function requeue_job(id, lane, entry, reason)
   local job = job_key(id)
+  ensure_lane(lane)
   local fresh = redis.call('XADD', lane, '*', 'job', id)
   redis.call('HSET', job, 'state', 'waiting', 'owner', '', 'entry', fresh, 'gpu', '', 'node', '',
              'requeued', reason)
@@ -219,7 +244,7 @@ local function requeue_job(id, lane, entry, reason)
   ring_bell(lane)
 end
 
--- reap_lane(lane; min_idle_ms, max_attempts, now_ms, reaper, consumer_prefix, failure_status_json)
+-- reap_lane(lane; min_idle_ms, max_attempts, (unused), reaper, consumer_prefix, failure_status_json)
 -- Entries leased longer than min_idle_ms without renewal (consumer_prefix set: every entry of those
 -- consumers, a restarted machine's own) go back to their lane, or fail after max_attempts starts.
 -- -> {id, 'requeued'|'failed', ...}

@@ -92,8 +92,12 @@ class EventRelay:
                 delay = 0.5
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    try:
                         self._received(message["channel"], message["data"])
+                    except Exception:           # one bad message (another version?) stops nothing
+                        logger.exception("Fleet: a relayed message could not be handled")
             except (ERRORS + (redis.exceptions.RedisError,)) as ex:
                 logger.debug("Fleet: event subscription lost (%s); resubscribing", ex)
                 self._stop.wait(delay)

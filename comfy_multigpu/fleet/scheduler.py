@@ -38,7 +38,7 @@ class Placement:
 
 
 def unavailable(ex: BaseException) -> ApiError:
-    return ApiError(503, "fleet_unavailable", f"the fleet queue (Redis) cannot be reached: {ex}",
+    return ApiError(503, "fleet_unavailable", f"the fleet queue (Redis) cannot be reached or refused: {ex}",
                     "nothing was queued; retry shortly (the server reconnects by itself)",
                     headers={"Retry-After": "2"})
 
@@ -50,7 +50,9 @@ class FleetScheduler(Scheduler):
         self.settings = settings                # policy.config.FleetSettings
         self.members = members                  # GpuWorker per local GPU
         self._lock = threading.Lock()
-        self._taken: dict[str, Taken] = {}      # prompt id -> what this machine took and runs
+        self._held: dict[str, Taken] = {}       # prompt id -> the lease this machine holds (renewed)
+        self._runs: dict = {}                   # local QueuedPrompt (by identity) -> the lease it runs for
+        self._parked: dict = {}                 # prompt id -> QueuedPrompt waiting for an earlier run
         self._unsent: list[tuple] = []          # completions Redis did not get yet (retried by intake)
         self.fenced = 0                         # completions refused: another attempt owned the prompt
         self.on_free: Callable[[], None] = lambda: None   # a local GPU may take again (intake)
@@ -110,28 +112,44 @@ class FleetScheduler(Scheduler):
             return self.local.cancel(match, gpus, first_only)
         removed = []
         for prompt in self._fleet_pending():
-            if match(prompt) and self.store.cancel(prompt.prompt_id):
+            try:
+                hit = match(prompt) and self.store.cancel(prompt.prompt_id)
+            except ERRORS as ex:
+                raise unavailable(ex) from None
+            if hit:
                 removed.append(prompt.prompt_id)
                 if first_only:
                     break
         return removed
 
     # ---- leases: this machine's --------------------------------------------------------------
+    def hold(self, taken: Taken) -> None:
+        """A prompt this machine took: its lease is renewed from now on (also while its inputs are
+        fetched, and while it waits here)."""
+        with self._lock:
+            self._held[taken.prompt_id] = taken
+
     def run_locally(self, taken: Taken, gpu_id: int) -> None:
         """A prompt GPU `gpu_id` took from the fleet: into this machine's queue, pinned to that GPU
-        (or, for a prompt that needs several GPUs, to this machine)."""
+        (or, for a prompt that needs several GPUs, to this machine). If an earlier attempt of it still
+        runs here (its lease was lost meanwhile), this one waits until that one has ended."""
         number, prompt_id, graph, extra, outputs = taken.record[:5]
         local = QueuedPrompt.from_stock((number, prompt_id, graph, extra, outputs, taken.sensitive))
         if local.gang <= 1:
             local = QueuedPrompt.from_stock((number, prompt_id, graph, extra, outputs, taken.sensitive),
                                             target=gpu_id)
         with self._lock:
-            self._taken[prompt_id] = taken
+            self._held[prompt_id] = taken
+            if self.local.locate(prompt_id) is not None:
+                self._parked[prompt_id] = local
+                return
+            self._runs[local] = taken
         self.local.admit(local, restoring=True)
 
     def running_here(self) -> list[Taken]:
+        """The leases this machine holds (renewed by the intake's upkeep)."""
         with self._lock:
-            return list(self._taken.values())
+            return list(self._held.values())
 
     def take_next(self, gpu_id: int) -> Optional[Lease]:
         return self.local.take_next(gpu_id)
@@ -148,14 +166,33 @@ class FleetScheduler(Scheduler):
     def finish(self, lease: Lease, result: dict, status: ExecutionStatus, run_s: float = 0.0) -> dict:
         entry = self.local.finish(lease, result, status, run_s)
         with self._lock:
-            taken = self._taken.pop(lease.prompt_id, None)
+            taken = self._runs.pop(lease.prompt, None)
+            current = taken is not None and self._held.get(lease.prompt_id) is taken
+            if current:
+                del self._held[lease.prompt_id]
         if taken is not None:
             entry = dict(entry, node=self.node)
             self.local.forget_history(lease.prompt_id)      # the fleet's history is the one served
-            free = not self.local.draining and self.local.tasks_remaining([lease.gpu_id]) == 0
-            self._send_completion(taken, entry, lease.prompt.client_id or "", free)
+            if current:
+                free = not self.local.draining and self.local.tasks_remaining([lease.gpu_id]) == 0
+                self._send_completion(taken, entry, lease.prompt.client_id or "", free)
+            else:
+                self.fenced += 1
+                logger.warning("Fleet: %s ended here after its lease was lost; this result is dropped",
+                               lease.prompt_id)
+            self._unpark(lease.prompt_id)
         self.on_free()
         return entry
+
+    def _unpark(self, prompt_id: str) -> None:
+        """The newer attempt of a prompt whose earlier attempt just ended here runs now."""
+        with self._lock:
+            local = self._parked.pop(prompt_id, None)
+            taken = self._held.get(prompt_id)
+            if local is None or taken is None:
+                return
+            self._runs[local] = taken
+        self.local.admit(local, restoring=True)
 
     def _send_completion(self, taken: Taken, entry: dict, client: str = "", free: bool = False) -> None:
         try:
@@ -179,20 +216,33 @@ class FleetScheduler(Scheduler):
 
     def hand_back_all(self) -> int:
         """Shutdown: prompts taken but not started here go back to their lanes."""
-        given = 0
+        given = []
         _running, pending = self.local.queue_items()
         for prompt in pending:
-            with self._lock:
-                taken = self._taken.pop(prompt.prompt_id, None)
-            if taken is not None and self.local.cancel(lambda p, pid=prompt.prompt_id: p.prompt_id == pid):
-                try:
-                    given += self.store.hand_back(taken)
-                except ERRORS:
-                    pass                        # its lease expires and another machine takes it
-        return given
+            if self.local.cancel(lambda p, me=prompt: p is me):
+                with self._lock:
+                    taken = self._runs.pop(prompt, None)
+                    if taken is not None and self._held.get(prompt.prompt_id) is taken:
+                        given.append(self._held.pop(prompt.prompt_id))
+        with self._lock:
+            for prompt_id in list(self._parked):
+                self._parked.pop(prompt_id)
+                if prompt_id in self._held:
+                    given.append(self._held.pop(prompt_id))
+        count = 0
+        for taken in given:
+            try:
+                count += self.store.hand_back(taken)
+            except ERRORS:
+                pass                            # its lease expires and another machine takes it
+        return count
 
     def lost(self, prompt_id: str) -> None:
-        """Renewal found the lease taken over: the result will not count; stop it if it runs."""
+        """Renewal found the lease taken over: stop renewing it; stop the run here if there is one (its
+        result is dropped)."""
+        with self._lock:
+            self._held.pop(prompt_id, None)
+            self._parked.pop(prompt_id, None)
         for worker in self.members:
             lease = worker.lease
             if lease is not None and lease.prompt_id == prompt_id and not lease.ended.is_set():

@@ -43,7 +43,9 @@ EVENTS = P + "events"
 CONTROL = P + "control"
 REGISTRY_TTL_S = 15.0
 LIBRARY = Path(__file__).with_name("library.lua")
-ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+# Every failure of Redis to do what was asked (unreachable, loading, out of memory under noeviction,
+# read-only replica after a failover, ...): callers answer 503 or retry, never 500.
+ERRORS = (redis.exceptions.RedisError,)
 
 
 def _s(value) -> str:
@@ -83,8 +85,14 @@ class FleetStore:
 
     def _fcall(self, name: str, keys: Iterable[str], args: Iterable) -> object:
         keys = list(keys)
-        return self._call("FCALL", name, len(keys), *keys, *[_s(a) if not isinstance(a, (int, float)) else a
-                                                              for a in args])
+        argv = [_s(a) if not isinstance(a, (int, float)) else a for a in args]
+        try:
+            return self._call("FCALL", name, len(keys), *keys, *argv)
+        except redis.exceptions.ResponseError as ex:
+            if "function not found" not in str(ex).lower():
+                raise
+            self.load_library()             # Redis restarted without its data, or FUNCTION FLUSH
+            return self._call("FCALL", name, len(keys), *keys, *argv)
 
     # ---- set-up ------------------------------------------------------------------------------
     def load_library(self) -> str:
@@ -115,14 +123,13 @@ class FleetStore:
         reply = [_s(v) for v in reply]
         return reply[0], reply[1:]
 
-    def take(self, lanes: list, steal: list, consumer: str, gpu: int, steal_after_s: float,
-             warm: Optional[list] = None) -> tuple[Optional[Taken], float]:
-        """(what `consumer` takes, None; or None, seconds until a model lane's prompt may be stolen,
-        -1 when none waits). `warm`: per steal lane, the consumers holding its model."""
-        warm = warm if warm is not None else [""] * len(steal)
-        reply = self._fcall("cmg_take", lanes + steal,
-                            [consumer, self.node, gpu, int(time.time() * 1000), len(lanes), int(steal_after_s * 1000),
-                             *[",".join(w) for w in warm]])
+    def take(self, order: list, consumer: str, gpu: int, steal_after_s: float) -> tuple[Optional[Taken], float]:
+        """(what `consumer` takes, 0) or (None, seconds until a prompt of a lane it may steal from is
+        due, -1 when none waits). `order`: (lane, consumers it prefers or None for its own lanes), in
+        the order to read them (policy/fleet_lanes.read_order)."""
+        kinds = ["-" if prefer is None else "+" + ",".join(prefer) for _lane, prefer in order]
+        reply = self._fcall("cmg_take", [lane for lane, _ in order],
+                            [consumer, self.node, gpu, int(steal_after_s * 1000), *kinds])
         if _s(reply[0]) == "wait":
             due = int(reply[1])
             return None, (due / 1000.0 if due >= 0 else -1.0)
@@ -133,7 +140,7 @@ class FleetStore:
 
     def renew(self, taken: Taken) -> bool:
         return bool(self._fcall("cmg_renew", [taken.lane], [taken.prompt_id, taken.token, taken.consumer,
-                                                            taken.entry, int(time.time() * 1000)]))
+                                                            taken.entry]))
 
     def complete(self, taken: Taken, entry: dict, files: list, client: str = "", free: bool = False) -> bool:
         """True: the history entry is the prompt's; False: fenced (another attempt owns it now).
@@ -151,7 +158,7 @@ class FleetStore:
         """Requeue (or fail after `attempts` starts) leases idle longer than `min_idle_s` in `lanes`
         (none: every lane); with `consumer_prefix`, every lease of those consumers. Returns
         [(prompt id, action)]."""
-        reply = self._fcall("cmg_reap", list(lanes), [int(min_idle_s * 1000), attempts, int(time.time() * 1000),
+        reply = self._fcall("cmg_reap", list(lanes), [int(min_idle_s * 1000), attempts, 0,
                                                  f"{self.node}:reaper", consumer_prefix,
                                                  failure_status(f"the prompt was started {attempts} time(s) and "
                                                                 f"no machine finished it (COMFY_MULTIGPU_FLEET_"

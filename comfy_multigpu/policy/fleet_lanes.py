@@ -107,3 +107,13 @@ def pinned_node(lane_name: str) -> Optional[str]:
     if target.startswith("g:"):
         return target[2:].rpartition(":")[0]
     return None
+
+
+def read_order(own: list, steal: list, prefer: dict) -> list:
+    """(lane, GPUs it prefers) in the order a GPU reads them: band by band, its own lanes (prefer None)
+    then the lanes it may steal from (`prefer[lane]`: the consumers that lane waits for while idle)."""
+    order = []
+    for band in BANDS:
+        order += [(name, None) for name in own if split_lane(name)[0] == band]
+        order += [(name, prefer.get(name, [])) for name in steal if split_lane(name)[0] == band]
+    return order

@@ -23,6 +23,7 @@ class SaveNames:
         self._held: dict[int, set] = {}             # GPU -> keys it holds
         self._after: dict[int, list] = {}           # GPU -> callables to run at its release
         self.fleet = None                           # fleet.files.FleetNames of a fleet member
+        self._fleet_starts: dict[tuple, int] = {}   # (GPU, key) -> start of the block it holds
 
     def reserve(self, gpu_id: int, key: tuple) -> Optional[int]:
         """Wait until no other worker is numbering files under `key`, then hold it until `release`.
@@ -41,9 +42,15 @@ class SaveNames:
         fleet = self.fleet
         if fleet is None:
             return None
+        with self._cond:
+            held = self._fleet_starts.get((gpu_id, key))
+        if held is not None:
+            return held                 # the same node asks again: its block still holds
         from ..fleet.files import local_next
         folder, filename = key
         start = fleet.reserve(folder, filename, local_next(folder, filename))
+        with self._cond:
+            self._fleet_starts[(gpu_id, key)] = start
         self.on_release(gpu_id, lambda: fleet.release(folder, filename))
         return start
 
@@ -65,6 +72,7 @@ class SaveNames:
                 logger.exception("[GPU %s] Releasing output names failed", gpu_id)
         with self._cond:
             for key in self._held.pop(gpu_id, ()):
+                self._fleet_starts.pop((gpu_id, key), None)
                 if self._owner.get(key) == gpu_id:
                     del self._owner[key]
             self._cond.notify_all()
