@@ -160,8 +160,13 @@ class FleetIntake:
                     logger.info("[GPU %s] Fleet: took %s from %s (attempt %d)", worker.gpu_id, taken.prompt_id,
                                 fleet_lanes.split_lane(taken.lane)[1], taken.attempts)
                     self.scheduler.hold(taken)          # renewed while its inputs are fetched
-                    self.before_run(taken)
-                    self.scheduler.run_locally(taken, worker.gpu_id)
+                    try:
+                        self.before_run(taken)
+                        self.scheduler.run_locally(taken, worker.gpu_id)
+                    except Exception:
+                        logger.exception("[GPU %s] Fleet: could not queue %s here; handing it back",
+                                         worker.gpu_id, taken.prompt_id)
+                        self.scheduler.give_back(taken)
                     continue
                 bell = self.store.wait_bell(bell, IDLE_BLOCK_S if due < 0 else min(IDLE_BLOCK_S, max(0.02, due + 0.01)))
                 self.wakeups += 1

@@ -237,6 +237,16 @@ class FleetScheduler(Scheduler):
                 pass                            # its lease expires and another machine takes it
         return count
 
+    def give_back(self, taken: Taken) -> None:
+        """A prompt taken here that cannot run here: back to its lane (no attempt counted)."""
+        with self._lock:
+            if self._held.get(taken.prompt_id) is taken:
+                del self._held[taken.prompt_id]
+        try:
+            self.store.hand_back(taken)
+        except ERRORS:
+            pass                                # its lease expires and another machine takes it
+
     def lost(self, prompt_id: str) -> None:
         """Renewal found the lease taken over: stop renewing it; stop the run here if there is one (its
         result is dropped)."""

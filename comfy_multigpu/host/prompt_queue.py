@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from typing import Callable
 
-from ..policy import fleet_lanes, placement, routing, sequence_split
+from ..policy import placement, routing, sequence_split
 from ..runtime.context import current_request, request_target
 from ..runtime.pool import WorkerPool
 from ..runtime.prompt import QueuedPrompt
