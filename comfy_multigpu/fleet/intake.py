@@ -189,34 +189,30 @@ class FleetIntake:
         they prefer for the steal delay)."""
         pools = [name for name, gpus in self.scheduler.pools.items() if worker.gpu_id in gpus and name != "all"]
         warm = [key for key in reversed(worker.recent_models()) if fleet_lanes.affinity_model([key]) == key]
-        existing = self.store.lane_set()   # (a lane made after this read rings the bell: read again)
+        existing = self.store.lanes()      # (a lane made after this read rings the bell: read again)
         own = [name for name in fleet_lanes.gpu_lanes(self.settings.node, worker.gpu_id, pools, warm)
                if name in existing]
-        steal = fleet_lanes.steal_lanes(sorted(existing), own)
-        holders = self._holders() if steal else {}     # (also refreshes the registry)
+        steal = fleet_lanes.steal_lanes(existing, own)
+        machines = self._machines() if steal else {}
+        holders = _holders(machines)
         me = f"{self.settings.node}:{worker.gpu_id}"
         prefer = {}
         for name in steal:
             target = fleet_lanes.split_lane(name)[1]
             if target.startswith("h:"):       # the home GPU, while its machine is registered
                 home = target[2:]
-                prefer[name] = [home] if home.rpartition(":")[0] in self._registry[1] else []
+                prefer[name] = [home] if home.rpartition(":")[0] in machines else []
             else:
                 prefer[name] = [c for c in holders.get(target[2:], ()) if c != me]
         return fleet_lanes.read_order(own, steal, prefer)
 
-    def _holders(self) -> dict:
-        """model key -> consumers ("<machine>:<gpu>") that hold it, from the machines' registrations."""
+    def _machines(self) -> dict:
+        """The machines' registrations, read at most every REGISTRY_CACHE_S by the takers together."""
         stamp, machines = self._registry
         if time.monotonic() - stamp > REGISTRY_CACHE_S:
             machines = self.store.machines()
             self._registry = (time.monotonic(), machines)
-        held: dict = {}
-        for name, info in machines.items():
-            for gpu in info.get("gpus", []):
-                for key in gpu.get("models", []):
-                    held.setdefault(key, []).append(f"{name}:{gpu.get('gpu')}")
-        return held
+        return machines
 
     # ---- upkeep ------------------------------------------------------------------------------
     def _upkeep(self) -> None:
@@ -297,3 +293,13 @@ def _missing_gpu(lane: str, machines: dict) -> bool:
     node, _, gpu = target[2:].rpartition(":")
     info = machines.get(node)
     return info is not None and gpu.isdigit() and int(gpu) >= len(info.get("gpus", []))
+
+
+def _holders(machines: dict) -> dict:
+    """model key -> consumers ("<machine>:<gpu>") that hold it, from the machines' registrations."""
+    held: dict = {}
+    for name, info in machines.items():
+        for gpu in info.get("gpus", []):
+            for key in gpu.get("models", []):
+                held.setdefault(key, []).append(f"{name}:{gpu.get('gpu')}")
+    return held

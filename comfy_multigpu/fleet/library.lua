@@ -31,7 +31,7 @@ local function drop_entry(lane, entry)
   redis.call('XDEL', lane, entry)
 end
 
-local function history_entry(job, status_json, now)
+local function history_entry(job, status_json)
   -- a stock-shaped history entry for a prompt that never finished (failed after its attempts)
   local prompt = redis.call('HGET', job, 'record')
   local gpu = redis.call('HGET', job, 'gpu')
@@ -57,7 +57,7 @@ end
 
 local function fail_job(id, lane, entry, status_json)
   local job = job_key(id)
-  write_history(id, history_entry(job, status_json, 0))
+  write_history(id, history_entry(job, status_json))
   if entry then drop_entry(lane, entry) end
   redis.call('HINCRBY', P .. 'stats', 'failed', 1)
 end

@@ -38,7 +38,7 @@ class FleetMember:
         self.node_url = settings.node_url or default_node_url()
         self.intake = FleetIntake(self.scheduler, pool, self.node_url)
         self.names = FleetNames(self.store)
-        self.inputs = FleetInputs(self.store, self._machines)
+        self.inputs = FleetInputs(self.store, self.store.machines)
         self.intake.before_run = self._fetch_inputs
         self.relay: Optional[EventRelay] = None
         self._known: tuple = (0.0, {})
@@ -50,9 +50,6 @@ class FleetMember:
         pool.fleet = member
         pool.save_names.fleet = member.names
         return member
-
-    def _machines(self) -> dict:
-        return self.store.machines()
 
     def known_machines(self) -> dict:
         """Registered machines (cached for a moment; {} while Redis cannot be reached)."""

@@ -186,9 +186,6 @@ class FleetStore:
     def lanes(self) -> list[str]:
         return sorted(_s(v) for v in self._call("SMEMBERS", P + "lanes"))
 
-    def lane_set(self) -> set:
-        return {_s(v) for v in self._call("SMEMBERS", P + "lanes")}
-
     def lane_backlog(self) -> dict:
         """lane -> (waiting, leased) counts."""
         out = {}
