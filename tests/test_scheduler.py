@@ -192,6 +192,82 @@ def test_gang_leases_are_all_or_nothing_and_never_deadlock(make_pool):
     assert "gpu_ids" not in history["p0"]
 
 
+def wait_for(condition, what):
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def started(host, pid):
+    return next(s for p, _, s, _ in host.ran if p == pid)
+
+
+def test_a_gang_prompt_passed_over_max_overtakes_times_holds_free_gpus_until_it_starts(make_pool):
+    """A prompt needing both GPUs while GPU 0 is busy: GPU 1 starts one later prompt (max_overtakes 1),
+    then holds itself free for the gang (shown in the snapshot), starts nothing later, and the gang runs
+    when GPU 0 frees; a held GPU whose gang is deleted takes other work again."""
+    pool, host = make_pool(2, max_overtakes=1)
+    host.gates["a"] = threading.Event()
+    pool.scheduler.admit(prompt("a0", 0, target=0, gate="a"))
+    wait_busy(pool, 0)
+    pool.scheduler.admit(prompt("gang", 1, gang=2, seconds=0.05))
+    for i in (2, 3, 4):
+        pool.scheduler.admit(prompt(f"b{i}", i, seconds=0.05))
+    wait_for(lambda: [q.held_for for q in pool.scheduler.snapshot().gpus] == ["", "gang"], "GPU 1 never held")
+    time.sleep(0.2)
+    assert [p for p, *_ in host.ran] == ["b2"]                      # one overtake, then nothing later
+    assert pool.scheduler.snapshot().gpus[1].held_for == "gang" and not pool.workers[1].busy
+    host.gates["a"].set()
+    history = wait_done(pool, ["a0", "gang", "b3", "b4"])
+    assert history["gang"]["gpu_ids"] == [0, 1] or history["gang"]["gpu_ids"] == [1, 0]
+    assert started(host, "gang") < min(started(host, "b3"), started(host, "b4"))
+    assert [q.held_for for q in pool.scheduler.snapshot().gpus] == ["", ""]
+
+    host.gates["c"] = threading.Event()                             # deleting the gang frees the hold
+    pool.scheduler.admit(prompt("c0", 10, target=0, gate="c"))
+    wait_busy(pool, 0)
+    pool.scheduler.admit(prompt("gang2", 11, gang=2))
+    pool.scheduler.admit(prompt("b12", 12, target=1, seconds=0.01))
+    wait_for(lambda: pool.scheduler.snapshot().gpus[1].held_for == "gang2", "GPU 1 never held for gang2")
+    assert pool.scheduler.cancel(lambda p: p.prompt_id == "gang2") == ["gang2"]
+    wait_done(pool, ["b12"])
+    host.gates["c"].set()
+    wait_done(pool, ["c0"])
+
+
+def test_single_gpu_prompts_flow_past_a_waiting_gang_only_max_overtakes_times(make_pool):
+    """Without holding, a gang of both GPUs would wait for a stream of single prompts to end (the two
+    GPUs are never free at once); with max_overtakes 3 at most 3 later prompts start before it."""
+    pool, host = make_pool(2, max_overtakes=3)
+    pool.scheduler.admit(prompt("a0", 0, seconds=0.1))
+    wait_busy(pool, 0)
+    pool.scheduler.admit(prompt("gang", 1, gang=2, seconds=0.05))
+    singles = [f"b{i}" for i in range(2, 14)]
+    for i, pid in enumerate(singles):
+        pool.scheduler.admit(prompt(pid, i + 2, seconds=0.07))
+    wait_done(pool, ["a0", "gang"] + singles, timeout=30)
+    before = [p for p in singles if started(host, p) < started(host, "gang")]
+    assert len(before) <= 3, before
+
+
+def test_an_elastic_gang_starts_at_once_on_the_gpus_that_are_free(make_pool):
+    """X-SEQUENCE-PARALLEL: auto (SequenceParallel's `auto`): up to `gang` GPUs, those free now."""
+    pool, host = make_pool(3)
+    host.gates["a"] = threading.Event()
+    pool.scheduler.admit(prompt("a0", 0, target=0, gate="a"))
+    wait_busy(pool, 0)
+    elastic = QueuedPrompt(1, "auto", {"seconds": 0.05}, {}, [], gang=3, elastic=True)
+    pool.scheduler.admit(elastic)
+    history = wait_done(pool, ["auto"])
+    assert sorted(history["auto"]["gpu_ids"]) == [1, 2]              # GPU 0 was busy: it did not wait
+    host.gates["a"].set()
+    wait_done(pool, ["a0"])
+    wait_for(lambda: not any(w.busy for w in pool.workers), "the workers never went idle")
+    pool.scheduler.admit(QueuedPrompt(2, "auto3", {"seconds": 0.05}, {}, [], gang=3, elastic=True))
+    assert sorted(wait_done(pool, ["auto3"])["auto3"]["gpu_ids"]) == [0, 1, 2]
+
+
 def test_lease_workers_takes_idle_workers_all_or_nothing(make_pool):
     pool, host = make_pool(3)
     host.gates["hold"] = threading.Event()

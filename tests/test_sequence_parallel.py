@@ -446,6 +446,44 @@ def test_the_decode_patches_spread_a_leased_prompts_tiles_and_note_what_they_did
     assert types["required"] == nodes.VAELoader.INPUT_TYPES()["required"] and "decode_tile_size" in types["optional"]
 
 
+def test_auto_runs_on_as_many_leased_gpus_as_the_heads_allow_and_a_fixed_count_falls_back(flux):
+    """SequenceParallel(auto) holding 8 GPUs with a 6-head model runs on 6 of them (the one-rank output);
+    gpus=8 without auto falls back to one GPU and says why. The header's graph carries `auto`."""
+    from comfy_multigpu.host.sp_nodes import SequenceParallelWrapper
+    from comfy_multigpu.policy.sequence_split import requested_elastic, requested_ranks, with_sequence_parallel
+    from comfy_multigpu.runtime.context import current_worker
+    args = inputs()
+    expected = one_rank(flux, args)
+
+    class Executor:                                 # the wrapper chain's rest: the model's own forward
+        class_obj = flux
+
+        def __call__(self, *a, **k):
+            return flux._forward(*a, **k)
+    worker, lease = leased(list(range(8)))
+    token = current_worker.set(worker)
+    try:
+        for auto, ranks, fallback in ((True, 6, None), (False, 1, "6 attention heads, fewer than 8 GPUs")):
+            lease.notes.clear()
+            wrapper = SequenceParallelWrapper(8, auto)
+            with torch.no_grad():
+                got = wrapper(Executor(), args["x"], args["timestep"], args["context"], args["y"], args["guidance"],
+                              transformer_options={})
+            assert max_rel_error(got, expected) < TOLERANCE
+            note = lease.notes["sequence_parallel"]
+            assert note["gpus"] == ranks and note["gpu_ids"] == list(range(ranks)) and note.get("auto", False) is auto
+            assert (note["fallback"] is None) if fallback is None else (fallback in note["fallback"])
+            if auto:
+                assert note["forwards"] == 1 and note["exchanges"] > 0
+    finally:
+        current_worker.reset(token)
+    graph = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "f.safetensors", "weight_dtype": "default"}},
+             "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0]}}}
+    auto = with_sequence_parallel(graph, 4, auto=True)
+    assert auto["1.sequence_parallel"]["inputs"] == {"model": ["1", 0], "gpus": 4, "auto": True}
+    assert requested_ranks(auto) == 4 and requested_elastic(auto) and not requested_elastic(with_sequence_parallel(graph, 4))
+
+
 def test_a_vae_that_cannot_be_spread_says_why(vaes):
     import types
     from comfy_multigpu.host.sp_vae import why_one_gpu

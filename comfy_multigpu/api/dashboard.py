@@ -69,7 +69,7 @@ def snapshot(pool: "WorkerPool", tail: bool = False) -> dict:
                       "pending": q.pending_count, "models": list(w.recent_models())[-4:],
                       "memory": _memory(w.device_memory()),
                       "per_minute": round(board.per_minute(w.gpu_id), 2), "restarts": w.restarts,
-                      "lease": _lease(q)})
+                      "lease": _lease(q), "held_for": q.held_for or None})
     return {"gpus": cards, "pools": {k: list(v) for k, v in pool.pools.items()},
             "totals": {"running": sum(1 for c in cards if c["running"]), "pending": sum(c["pending"] for c in cards),
                        "per_minute": round(sum(c["per_minute"] for c in cards), 2),

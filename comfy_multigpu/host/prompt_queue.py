@@ -66,15 +66,18 @@ class MultiQueue:
         return placed.gpu if placed.gpu is not None else -1
 
     def _with_sequence_parallel(self, item: tuple, scope, where) -> tuple:
-        """X-SEQUENCE-PARALLEL: N (or auto: every GPU of the prompt's pool that is up) GPUs per image."""
+        """X-SEQUENCE-PARALLEL: N GPUs per image, or auto: the GPUs of the prompt's pool that are free
+        when it starts (up to every one that is up; the model's head and token counts may use fewer)."""
         raw = scope.headers.get(routing.SEQUENCE_PARALLEL_HEADER) if scope is not None else None
         gpus = routing.parse_sequence_parallel(raw)
         if gpus is None:
             return item
-        if gpus == "auto":
+        auto = gpus == "auto"
+        if auto:
             members = where.eligible if where.eligible is not None else range(len(self.pool.workers))
             gpus = max(1, sum(1 for g in members if not self.pool.workers[g].down))
-        return (item[0], item[1], sequence_split.with_sequence_parallel(item[2], gpus)) + tuple(item[3:])
+        graph = sequence_split.with_sequence_parallel(item[2], gpus, auto=auto)
+        return (item[0], item[1], graph) + tuple(item[3:])
 
     # ---- views -----------------------------------------------------------------------------
     def get_current_queue(self):
@@ -154,6 +157,8 @@ class MultiQueue:
                 lease = q.leases[0]
                 entry["lease"] = {"prompt_id": lease.prompt_id, "gpus": list(lease.gpu_ids),
                                   "rank": lease.rank_of(worker.gpu_id)}
+            if q.held_for:            # idle, kept free for a prompt of several GPUs until enough are free
+                entry["held_for"] = q.held_for
             if not counts_only:
                 entry["queue_running"] = [lease.record[:5] for lease in q.leases if lease.gpu_id == worker.gpu_id]
                 entry["queue_pending"] = [p.public() for p in q.pending]

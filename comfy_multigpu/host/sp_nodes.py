@@ -41,8 +41,9 @@ def leased_workers() -> list:
 class SequenceParallelWrapper:
     """WrappersMP.DIFFUSION_MODEL wrapper: the forward on the lease's GPUs, or one with a reason."""
 
-    def __init__(self, gpus: int):
+    def __init__(self, gpus: int, auto: bool = False):
         self.gpus = gpus
+        self.auto = auto                  # on the GPUs that were free; as many as the model allows
         self._copies: dict = {}           # device -> the model's copy on it (other GPUs than rank 0's)
         self._lock = threading.Lock()
 
@@ -54,18 +55,28 @@ class SequenceParallelWrapper:
         ranks = min(self.gpus, len(workers))
         family = "flux" if isinstance(model, Flux) else "wan" if isinstance(model, WanModel) else None
         extra = dict(kwargs)
+        if family == "flux":
+            x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra, FLUX_ARGS)
+
+            def why(n):
+                return flux_fallback(model, x, context, options, n, control=control, ref_latents=ref_latents,
+                                     **extra)
+        elif family == "wan":
+            x, timestep, context, clip_fea, time_dim_concat, options = _positional(args, extra, WAN_ARGS)
+
+            def why(n):
+                return wan_fallback(model, x, timestep, context, options, n, time_dim_concat=time_dim_concat,
+                                    **extra)
         if family is None:
             reason = f"{type(model).__name__} is not a supported model (FLUX.1, Wan 2.x)"
         elif ranks < 2:
             reason = self._why_one(workers)
-        elif family == "flux":
-            x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra, FLUX_ARGS)
-            reason = flux_fallback(model, x, context, options, ranks, control=control, ref_latents=ref_latents,
-                                   **extra)
         else:
-            x, timestep, context, clip_fea, time_dim_concat, options = _positional(args, extra, WAN_ARGS)
-            reason = wan_fallback(model, x, timestep, context, options, ranks, time_dim_concat=time_dim_concat,
-                                  **extra)
+            reason = why(ranks)
+            if reason is not None and self.auto:       # auto: as many as the model's heads and tokens allow
+                fits = next((n for n in range(ranks - 1, 1, -1) if why(n) is None), None)
+                if fits is not None:
+                    ranks, reason = fits, None
         self._note(workers, ranks, reason)
         if reason is not None or self.gpus < 2:
             return executor(*args, **kwargs)
@@ -112,6 +123,8 @@ class SequenceParallelWrapper:
         lease = getattr(worker, "lease", None)
         note = {"gpus_asked": self.gpus, "gpus": 1 if reason else max(1, ranks),
                 "gpu_ids": [w.gpu_id for w in workers[:1 if reason else ranks]], "fallback": reason}
+        if self.auto:
+            note["auto"] = True
         if lease is not None:
             known = lease.notes.get("sequence_parallel")
             if known is not None and all(known.get(k) == v for k, v in note.items()):
@@ -165,13 +178,16 @@ class SequenceParallel:
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",),
                              "gpus": ("INT", {"default": 2, "min": 1, "max": MAX_RANKS,
-                                              "tooltip": "GPUs to run each forward on (1: off)"})}}
+                                              "tooltip": "GPUs to run each forward on (1: off)"})},
+                "optional": {"auto": ("BOOLEAN", {"default": False, "tooltip":
+                             "Start at once on the GPUs of the pool that are free (up to `gpus`, as many as "
+                             "the model allows) instead of waiting until `gpus` are free"})}}
 
-    def patch(self, model, gpus):
+    def patch(self, model, gpus, auto=False):
         import comfy.patcher_extension
         patched = model.clone()
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                     SequenceParallelWrapper(int(gpus)))
+                                     SequenceParallelWrapper(int(gpus), bool(auto)))
         return (patched,)
 
 

@@ -14,8 +14,9 @@ Rules (docs/configuration.md repeats them for users):
   takes the prompts that name none); COMFY_MULTIGPU_GPU_WEIGHTS="0:2,1:1" gives unequal GPUs their
   relative speed (unlisted GPUs weigh 1).
 - COMFY_MULTIGPU_MAX_OVERTAKES=K: a free worker may start a later prompt whose models it has before
-  an earlier one that would cost a model load, but a prompt is overtaken at most K times
-  (0 = first come, first served; default OVERTAKES_PER_WORKER per worker).
+  an earlier one that would cost a model load, but a prompt is overtaken at most K times; a prompt
+  needing several GPUs at once is passed over at most K times while too few are free, then free
+  GPUs of its pool wait for it (0 = first come, first served; default OVERTAKES_PER_WORKER per worker).
 - Reliability: COMFY_MULTIGPU_MAX_QUEUE_PER_GPU / COMFY_MULTIGPU_MAX_QUEUE cap running + waiting
   prompts (0 = no cap; past it POST /prompt answers 429); COMFY_MULTIGPU_DRAIN_TIMEOUT (seconds running
   prompts get to finish after SIGTERM); COMFY_MULTIGPU_WATCHDOG (seconds after which a still-running

@@ -56,6 +56,15 @@ def requested_ranks(prompt) -> int:
     return wanted
 
 
+def requested_elastic(prompt) -> bool:
+    """Whether a SequenceParallel node of the prompt has `auto` on (X-SEQUENCE-PARALLEL: auto sets
+    it): the prompt then starts at once on the GPUs of its pool that are free, up to its `gpus`,
+    instead of waiting until that many are."""
+    return any(isinstance(node, dict) and node.get("class_type") == "SequenceParallel"
+               and (node.get("inputs") or {}).get("auto") is True
+               for node in ((prompt or {}).values() if isinstance(prompt, dict) else ()))
+
+
 STRATEGIES = ("least_loaded", "round_robin", "weighted_round_robin", "adaptive")
 
 
@@ -89,9 +98,9 @@ def order_gang(strategy: str, candidates: list, workers: int, turn: int) -> list
 MODEL_LOADERS = ("UNETLoader", "CheckpointLoaderSimple", "CheckpointLoader", "UnetLoaderGGUF")
 
 
-def with_sequence_parallel(prompt: dict, gpus: int) -> dict:
-    """X-SEQUENCE-PARALLEL on an unchanged workflow: a SequenceParallel(gpus) node after each model
-    loader, its consumers rewired to it (a copy; the caller's dict is untouched). Explicit
+def with_sequence_parallel(prompt: dict, gpus: int, auto: bool = False) -> dict:
+    """X-SEQUENCE-PARALLEL on an unchanged workflow: a SequenceParallel(gpus, auto) node after each
+    model loader, its consumers rewired to it (a copy; the caller's dict is untouched). Explicit
     sequence-parallel nodes already in the graph stay as they are (the header adds nothing then)."""
     if requested_ranks(prompt) > 1 or gpus < 2:
         return prompt
@@ -101,8 +110,9 @@ def with_sequence_parallel(prompt: dict, gpus: int) -> dict:
         if isinstance(node, dict) and node.get("class_type") in MODEL_LOADERS:
             new_id = f"{node_id}.sequence_parallel"
             added[node_id] = new_id
-            out[new_id] = {"class_type": "SequenceParallel", "inputs": {"model": [node_id, 0], "gpus": gpus},
-                           "_meta": {"title": f"Sequence Parallel (X-SEQUENCE-PARALLEL: {gpus})"}}
+            inputs = {"model": [node_id, 0], "gpus": gpus, **({"auto": True} if auto else {})}
+            out[new_id] = {"class_type": "SequenceParallel", "inputs": inputs,
+                           "_meta": {"title": f"Sequence Parallel (X-SEQUENCE-PARALLEL: {'auto' if auto else gpus})"}}
     for node_id, node in out.items():
         if node_id in added.values():
             continue

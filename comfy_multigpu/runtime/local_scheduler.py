@@ -29,6 +29,7 @@ class _Slot:
     pending: list = field(default_factory=list)   # heap of (number, prompt id, QueuedPrompt)
     pinned: list = field(default_factory=list)    # heap of (number, prompt id) of its pinned prompts
     lease: Optional[Lease] = None                 # the lease it runs (rank 0) or is reserved for
+    held_for: str = ""                            # idle for a gang prompt that waits for more free GPUs
     unhealthy: str = ""                           # why the watchdog holds it out ("" = fine)
     mailbox: dict = field(default_factory=dict)
 
@@ -129,8 +130,10 @@ class LocalScheduler(Scheduler):
                 removed.extend(sorted(ids))
                 if first_only:
                     break
-            if removed and self.journal is not None:
-                self.journal.forget(removed)
+            if removed:
+                if self.journal is not None:
+                    self.journal.forget(removed)
+                self.wake()              # a worker held for a deleted gang prompt takes other work
         if removed:
             self._changed()
         return removed
@@ -162,23 +165,37 @@ class LocalScheduler(Scheduler):
         return lease, {}
 
     def _take(self, gpu_id: int) -> Optional[Lease]:
-        """take_next inside the lock, without notifying."""
+        """take_next inside the lock, without notifying.
+
+        A gang prompt that cannot start (too few free GPUs of its pool) is passed over, and counts
+        as overtaken by what starts instead; once overtaken max_overtakes times (at once with 0) it is
+        due: a free worker of its pool then starts nothing later than it and holds itself free
+        (`held_for`) until enough are free, so a stream of single-GPU prompts cannot starve it. An
+        idle worker passing one over shows its queue to the others, which may start it."""
         slot = self._slots[gpu_id]
+        slot.held_for = ""
         if self._draining or self._closed or slot.lease is not None:
             return None
         waiting = self._startable(gpu_id)
+        passed: list = []                                         # gangs too few free GPUs could start
         while True:
             chosen = placement.choose_next(gpu_id, self._members[gpu_id].recent_models(), waiting,
                                            self.max_overtakes)
             if chosen is None:
+                if passed:
+                    slot.held_for = passed[0].prompt_id
                 return None
             prompt = self._waiting[chosen.prompt_id][1]
             gpus = gang_gpus(gpu_id, prompt, [self._is_free(g) for g in range(len(self._slots))],
                              self._loads(), self._gang_turn)
             if gpus is not None:
                 break
-            waiting = [w for w in waiting if w is not chosen]     # not enough idle GPUs yet
-        for prompt_id in placement.overtaken_by(gpu_id, chosen, waiting):
+            if chosen.overtaken >= self.max_overtakes and self._can_gather(prompt):
+                slot.held_for = prompt.prompt_id
+                return None
+            passed.append(chosen)
+            waiting = [w for w in waiting if w is not chosen]     # not enough free GPUs yet
+        for prompt_id in placement.overtaken_by(gpu_id, chosen, waiting + passed):
             self._overtaken[prompt_id] = self._overtaken.get(prompt_id, 0) + 1
         self._unqueue(chosen.owner, prompt)
         if chosen.owner != gpu_id:
@@ -275,6 +292,7 @@ class LocalScheduler(Scheduler):
                     slot.unhealthy = f"a prompt has run for more than {limit_s:g} s"
                     logger.error("[GPU %s] Watchdog: %s; no new auto prompts go to this GPU until it ends",
                                  gpu, slot.unhealthy)
+                    self.wake()        # GPUs held for a gang that needs this one take other work
                 elif not late and slot.unhealthy:
                     logger.info("[GPU %s] Watchdog: healthy again", gpu)
                     slot.unhealthy = ""
@@ -285,7 +303,7 @@ class LocalScheduler(Scheduler):
         with self._lock:
             gpus = tuple(GpuQueue(gpu, (slot.lease,) if slot.lease is not None else (), len(slot.pending),
                                   tuple(e[2] for e in sorted(slot.pending, key=queue_order)) if detail else (),
-                                  slot.unhealthy)
+                                  slot.unhealthy, slot.held_for if slot.lease is None else "")
                          for gpu, slot in enumerate(self._slots))
             return QueueSnapshot(gpus, self._draining, len(self._history))
 
@@ -350,6 +368,13 @@ class LocalScheduler(Scheduler):
                                      len(s.pending), m.recent_models(), m.weight, m.free_memory)
                 for m, s in zip(self._members, self._slots)]
 
+    def _can_gather(self, prompt: QueuedPrompt) -> bool:
+        """Enough workers of the gang's pool are up and healthy for it to start once they are free
+        (holding workers for a gang that cannot start, or that waits for a prompt the watchdog
+        thinks stuck, would stop its pool)."""
+        pool = prompt.eligible if prompt.eligible is not None else range(len(self._members))
+        return sum(1 for g in pool if not self._members[g].down and not self._slots[g].unhealthy) >= prompt.gang
+
     def _is_free(self, gpu: int) -> bool:
         slot = self._slots[gpu]
         return slot.lease is None and not slot.unhealthy and not self._members[gpu].down
@@ -382,6 +407,7 @@ class LocalScheduler(Scheduler):
         lease = Lease(next(self._lease_ids), prompt, gpus, record=copy.deepcopy(prompt.stock()))
         for gpu in gpus:                   # ascending: the one global order
             self._slots[gpu].lease = lease
+            self._slots[gpu].held_for = ""
         self.wake()                        # these workers are busy now: their auto prompts may move
         return lease
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 from ..policy.placement import prompt_models
-from ..policy.sequence_split import requested_ranks, requested_strategy
+from ..policy.sequence_split import requested_elastic, requested_ranks, requested_strategy
 
 
 class ExecutionStatus(NamedTuple):
@@ -54,6 +54,7 @@ class QueuedPrompt:
     models: frozenset = frozenset()     # "input:file" keys of the model files it loads
     gang: int = 1                       # GPUs it needs at once (a lease of that many workers)
     strategy: str = "least_loaded"      # how the gang's other GPUs are chosen (sequence_split.order_gang)
+    elastic: bool = False               # starts on the free GPUs of its pool, up to `gang` (auto)
 
     @classmethod
     def from_stock(cls, item: tuple, **route) -> "QueuedPrompt":
@@ -63,6 +64,7 @@ class QueuedPrompt:
         if "gang" not in route:
             route["gang"] = requested_ranks(prompt)
         route.setdefault("strategy", requested_strategy(prompt))
+        route.setdefault("elastic", requested_elastic(prompt))
         return cls(number, prompt_id, prompt, extra_data, outputs, sensitive or {},
                    models=route.pop("models", None) or prompt_models(prompt), **route)
 

@@ -49,6 +49,7 @@ class GpuQueue:
     pending_count: int
     pending: tuple = ()             # QueuedPrompt in queue order, only in detailed snapshots
     unhealthy: str = ""             # why the watchdog holds it out of placement ("": fine)
+    held_for: str = ""              # idle, held free for this gang prompt until enough GPUs are free
 
     @property
     def running(self) -> tuple:

@@ -37,10 +37,11 @@ def heap_in_order(heap: list) -> Iterable[tuple]:
 def startable(gpu_id: int, slots, members, waiting_index: dict, overtaken: dict) -> list:
     """What `gpu_id` may start, the first placement.LOOKAHEAD in queue order: the first of its pinned
     prompts (pinned prompts keep their order and never move), its own auto-placed ones, and those of
-    its pool waiting in busy or down workers' queues (an idle worker starts its own queue itself).
-    Costs O(workers x LOOKAHEAD) however long the queues are."""
+    its pool waiting in busy or down workers' queues (an idle worker starts its own queue itself), or
+    in an idle one's that holds a gang prompt it cannot start alone. Costs O(workers x LOOKAHEAD)
+    however long the queues are."""
     heads = [movable_head(slots[owner].pending, owner, gpu_id) for owner in range(len(slots))
-             if owner == gpu_id or slots[owner].lease is not None or members[owner].down]
+             if owner == gpu_id or slots[owner].lease is not None or members[owner].down or slots[owner].held_for]
     first = itertools.islice(heapq.merge(*heads, key=queue_order), placement.LOOKAHEAD)
     waiting = [placement.Waiting(p.prompt_id, p.number, owner, p.models, p.eligible,
                                  overtaken.get(p.prompt_id, 0))
@@ -93,12 +94,12 @@ def gang_gpus(gpu_id: int, prompt: QueuedPrompt, free: list, loads: Optional[lis
     """The GPUs a lease of `prompt` started by `gpu_id` takes: itself, plus gang-1 other free GPUs of
     its pool in the order its strategy prefers (sequence_split.order_gang; `loads`: placement.WorkerLoad
     per GPU; without them, lowest index first); `free[g]` says whether GPU g is free. None if too few
-    are free now."""
+    are free now; an elastic prompt takes those that are (itself at least)."""
     if prompt.gang <= 1:
         return (gpu_id,)
     others = [g for g, is_free in enumerate(free) if g != gpu_id and is_free
               and (prompt.eligible is None or g in prompt.eligible)]
-    if len(others) < prompt.gang - 1:
+    if len(others) < prompt.gang - 1 and not prompt.elastic:
         return None
     if loads is not None:
         others = order_gang(prompt.strategy, [loads[g] for g in others], len(free), turn)
