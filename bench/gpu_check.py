@@ -21,6 +21,12 @@ skipped, so CI keeps it working.
 6. quick: comfy_multigpu.tools.quick_check (scripts/quick_test.sh) against the server of check 1.
 7. process: a second server with COMFY_MULTIGPU_WORKER_MODE=process, two workers on the device: each
    child reports that device, the tiny checkpoint is loaded once and mapped by both, txt2img on each.
+8. sp (gpu_check_sp.py): sequence parallelism (issue 17) as N rank threads on one device (cuda:0 N
+   times), ComfyUI's classes in this process: a small Flux on N = 2, 3, 4 ranks equals one rank in fp32
+   (TF32 off; a broken variant must fail), and in bf16 stays within bf16's own noise floor; one forward
+   of FLUX.1-dev's real shape (bf16, about 24 GB, 1024 px) timed with 1, 2, 4 ranks, device time and host
+   (dispatch) time, the exchanges; an SD VAE's tiled decode spread over 2 ranks equals the host's own
+   (dry run: the same at a tiny width).
 
 Each check runs in a child process with a timeout (its own cap, and never past the run's budget), so a
 hung check cannot eat the run; a failing one is a FAIL row with its error and the others still run.
@@ -55,6 +61,7 @@ from gpu_checks import (  # noqa: E402
     check_vram,
     start_server,
 )
+from gpu_check_sp import check_sp  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -71,12 +78,13 @@ class Step:
 STEPS = [
     Step("binding", "1. worker device binding", False, True, 90, 60, check_binding),
     Step("freeing", "2. per-device freeing", False, True, 150, 90, check_freeing),
+    Step("sp", "8. sequence parallel, N rank threads on one device", False, False, 200, 60, check_sp),
     Step("pinned", "3. pinned host memory shared by views", True, False, 120, 0, check_pinned),
     Step("vram", "4. RAM -> VRAM vs host-to-device copy", True, False, 180, 0, check_vram),
     Step("ceiling", "5. host ceiling, threads vs processes", False, False, 300, 90, check_ceiling),
     Step("quick", "6. quick end-to-end test", False, True, 90, 60, check_quick),
     Step("process", "7. process workers", False, False, 300, 200, check_process),
-]
+]   # run in this order, the server's checks first (check 8 before the long 3-5 and 7); the table by number
 SERVER_START_S = {"cuda": 180, "cpu": 120}
 CEILING_MODELS = ("sd15", "sdxl", "flux", "wan")
 
@@ -161,7 +169,7 @@ def run_all(opts, mode: str, work: Path, deadline: float) -> dict:
     finally:
         if server is not None:
             server.stop()
-    return {s.name: rows[s.name] for s in STEPS if s.name in rows}
+    return {s.name: rows[s.name] for s in sorted(STEPS, key=lambda s: int(s.title.split(".")[0])) if s.name in rows}
 
 
 def table(rows: dict, header: str) -> str:

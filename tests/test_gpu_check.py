@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh keeps working on machines without a GPU (issue 14): --dry-run runs every
 check's CPU path (device binding, per-device freeing and the quick end-to-end test on one 2-worker
-CPU server, a short host ceiling) and reports the CUDA-only checks as skipped; a check that fails or
+CPU server, a short host ceiling, process workers, sequence parallelism on CPU rank threads at a tiny
+width) and reports the CUDA-only checks as skipped; a check that fails or
 hangs becomes a FAIL row, within the run's budget, while the others still run; without --dry-run and
 without CUDA the script refuses loudly instead of printing a table."""
 import re
@@ -42,18 +43,20 @@ def test_a_dry_run_passes_every_check_it_can_run_on_the_cpu(dry_run):
     proc, _, took = dry_run
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = table(proc.stdout)
-    for number in ("1", "2", "5", "6", "7"):
+    for number in ("1", "2", "5", "6", "7", "8"):
         assert rows[number] and all(row[1] == "PASS" for row in rows[number]), rows[number]
     assert "(cpu,cpu)" in rows["1"][0][0]
     assert "GPU 1's kept" in rows["2"][0][2]
     assert "threads 1/2" in rows["5"][0][2] and "processes 1/2" in rows["5"][0][2]
     assert "loaded once, mapped by both" in rows["7"][0][2]
+    assert len(rows["8"]) == 6 and "local-only attention" in rows["8"][0][2] and "floor" in rows["8"][1][2]
+    assert "tiles per rank" in rows["8"][-1][2]
     assert took < 200, f"the dry run took {took:.0f} s; CI budgets about two minutes for it"
 
 
 def test_the_table_lists_every_check_and_the_cuda_only_ones_say_skipped(dry_run):
     rows = table(dry_run[0].stdout)
-    assert sorted(rows) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert sorted(rows) == ["1", "2", "3", "4", "5", "6", "7", "8"]
     for number in CUDA_ONLY:
         assert [row[1] for row in rows[number]] == ["skipped: needs CUDA"]
 

@@ -231,3 +231,26 @@ def test_stop_script_refuses_an_argument_that_is_not_a_port(tmp_path):
     stop = _stop(tmp_path, "all")
     assert stop.returncode == 2
     assert "'all' is not a port number" in stop.stderr and "--all" in stop.stderr
+
+
+def test_the_device_kit_packs_the_host_without_its_tests_and_the_device_script_refuses_without_one(tmp_path):
+    """scripts/device_kit.py's tree filter (in this process: packing the real kit downloads wheels) and
+    scripts/device_check.sh run from a checkout with no .device/: exit 2, saying how to make it."""
+    import tarfile
+    sys.path.insert(0, str(REPO / "scripts"))
+    import device_kit
+    tree = tmp_path / "ComfyUI"
+    for name in ("main.py", "comfy/ops.py", "comfy/ldm/flux/model.py", "tests/t.py", "models/checkpoints/x.bin",
+                 "custom_nodes/ours/__init__.py", "comfy/__pycache__/ops.cpython-311.pyc", "blueprints/b.json"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("x")
+    device_kit.pack_tree(tree, tmp_path / "comfyui.tgz")
+    with tarfile.open(tmp_path / "comfyui.tgz") as tar:
+        files = sorted(m.name for m in tar.getmembers() if m.isfile())
+    assert files == ["comfyui/comfy/ldm/flux/model.py", "comfyui/comfy/ops.py", "comfyui/main.py"]
+    checkout = tmp_path / "checkout" / "scripts"
+    checkout.mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "device_check.sh", checkout)
+    proc = subprocess.run([str(checkout / "device_check.sh"), "--only", "sp"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "scripts/device_kit.py" in proc.stderr and "carry" in proc.stderr

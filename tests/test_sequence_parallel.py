@@ -100,6 +100,70 @@ def test_a_rank_that_raises_aborts_every_rank(flux, monkeypatch):
         ranks(flux, inputs(), 3)
 
 
+def test_rank_threads_get_the_callers_modes_and_a_stuck_rank_is_reported_not_waited_for():
+    import time
+    from comfy_multigpu.runtime.rank_group import RankAborted, RankGroup, run_ranks
+    seen = {}
+
+    def modes(rank):
+        seen[rank] = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        return True
+    with torch.inference_mode():
+        run_ranks(RankGroup(["cpu"] * 3), modes)
+    assert seen == {0: (True, False), 1: (True, False), 2: (True, False)}
+    with torch.no_grad():
+        run_ranks(RankGroup(["cpu"] * 2), modes)
+    assert seen == {0: (False, False), 1: (False, False), 2: (True, False)}
+
+    def late(rank):                                 # rank 1 never reaches the exchange in time
+        if rank == 1:
+            time.sleep(1.5)
+            return True
+        return group.all_gather(rank, torch.zeros(1))
+    group = RankGroup(["cpu"] * 2, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(RankAborted, match="within 0.3 s"):
+        run_ranks(group, late)
+    assert time.monotonic() - started < 1.4       # not waited for until it ended
+
+    def stuck(rank):
+        if rank == 1:
+            time.sleep(2)
+        return True
+    with pytest.raises(RankAborted, match="rank 1 on cpu did not stop within 0.2 s"):
+        run_ranks(RankGroup(["cpu"] * 2, timeout=0.2), stuck)
+
+
+def test_rank_copies_follow_the_weights_rank_0_runs_and_keep_nothing_of_them_alive():
+    """A copy for another device is made from rank 0's module as it is (to "meta" here: no second
+    device), reused while rank 0 holds the same tensors, remade when a weight was replaced (as
+    ComfyUI's ModelPatcher replaces a weight it patches); the copy holds no reference to rank 0's
+    tensors; a layer with tensor-subclass weights it does not move itself cannot be copied."""
+    import gc
+    import weakref
+    from comfy_multigpu.host.rank_copies import RankCopies, uncopyable
+    from comfy_multigpu.runtime import weight_views
+    source = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    copies = RankCopies()
+    first = copies.on(source, "meta")
+    assert first is not source and first[0].weight.device.type == "meta" and source[0].weight.device.type == "cpu"
+    assert copies.on(source, "meta") is first
+    assert all(weight_views.shared_sources(m) is None for m in first.modules())
+    replaced = weakref.ref(source[1].weight)
+    source[1].weight = torch.nn.Parameter(torch.ones(2, 4))        # a LoRA patched into rank 0's weight
+    second = copies.on(source, "meta")
+    assert second is not first and len(copies) == 1
+    del first
+    gc.collect()
+    assert replaced() is None                                       # nothing kept the replaced weight
+    assert uncopyable(source) is None
+
+    class Wrapped(torch.Tensor):                                    # a GGUF-style weight
+        pass
+    source[0].weight = torch.nn.Parameter(torch.zeros(4, 4).as_subclass(Wrapped))
+    assert "tensor subclass" in uncopyable(source)
+
+
 def test_token_and_head_splits():
     parts = token_ranges(7, 15, 4)
     assert parts == [((0, 1), (0, 3)), ((1, 3), (3, 7)), ((3, 5), (7, 11)), ((5, 7), (11, 15))]

@@ -14,11 +14,12 @@ the custom node's NODE_CLASS_MAPPINGS).
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Any, Optional
+from typing import Optional
 
 from ..policy.sequence_split import MAX_RANKS, fallback_reason
 from ..runtime.context import current_worker
+from ..runtime.rank_group import RankGroup, run_ranks
+from .rank_copies import uncopyable
 from .sp_flux import flux_fallback, parallel_forward
 from .sp_wan import parallel_forward_wan, wan_fallback
 
@@ -44,8 +45,6 @@ class SequenceParallelWrapper:
     def __init__(self, gpus: int, auto: bool = False):
         self.gpus = gpus
         self.auto = auto                  # on the GPUs that were free; as many as the model allows
-        self._copies: dict = {}           # device -> the model's copy on it (other GPUs than rank 0's)
-        self._lock = threading.Lock()
 
     def __call__(self, executor, *args, **kwargs):
         from comfy.ldm.flux.model import Flux
@@ -77,12 +76,14 @@ class SequenceParallelWrapper:
                 fits = next((n for n in range(ranks - 1, 1, -1) if why(n) is None), None)
                 if fits is not None:
                     ranks, reason = fits, None
+            if reason is None and any(w.device != workers[0].device for w in workers[1:ranks]):
+                reason = uncopyable(model)
         self._note(workers, ranks, reason)
         if reason is not None or self.gpus < 2:
             return executor(*args, **kwargs)
         workers = workers[:ranks]
         devices = [w.device for w in workers]
-        models = [model] + [self._copy_on(model, d, devices[0]) for d in devices[1:]]
+        models = models_on(model, devices, workers)
         if family == "flux":
             out, group = parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents,
                                           control, options, first=executor, workers=workers, **extra)
@@ -139,17 +140,25 @@ class SequenceParallelWrapper:
             logger.info("[GPU %s] SequenceParallel: each FLUX forward on GPUs %s", getattr(worker, "gpu_id", "?"),
                         note["gpu_ids"])
 
-    def _copy_on(self, model, device, home) -> Any:
-        """The model on another rank's device: the same module where the device is rank 0's (CPU
-        workers, two workers on one GPU), else a copy made once per device."""
-        if device == home:
-            return model
-        with self._lock:
-            copy = self._copies.get(device)
-            if copy is None:      # a view of the shared CPU weights, then moved: RAM holds them once
-                from ..runtime.weight_views import make_view
-                copy = self._copies[device] = make_view(model).to(device)
-            return copy
+
+
+def models_on(model, devices: list, workers: list) -> list:
+    """`model` for each rank: the same module where the rank's device is rank 0's (CPU workers, two
+    workers on one GPU), else the lease's copy on that device (host/rank_copies.py), made in the
+    rank's own thread (so the room for it is made among that worker's models, and the copies to
+    several GPUs are made at once)."""
+    out = [model] * len(devices)
+    if all(d == devices[0] for d in devices):
+        return out
+    from .rank_copies import copies_of
+    copies = copies_of(current_worker.get().lease)
+
+    def place(rank: int) -> bool:
+        if devices[rank] != devices[0]:
+            out[rank] = copies.on(model, devices[rank])
+        return True
+    run_ranks(RankGroup(devices), place, workers)
+    return out
 
 
 FLUX_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")

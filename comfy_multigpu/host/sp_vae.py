@@ -8,8 +8,9 @@ on a shallow copy of the VAE whose first_stage_model is a stand-in (_Tiles):
 
 1. record: the stand-in keeps every tile the host cuts, in the host's order, and answers a 1x1
    placeholder (that pass's blend is thrown away; it costs the host's output buffers, no decoding);
-2. decode: rank r decodes tiles r, r+N, r+2N, ... with the decoder on its device (a copy made once per
-   device from the shared weights; where the device is rank 0's, e.g. CPU workers, the one module);
+2. decode: rank r decodes tiles r, r+N, r+2N, ... with the decoder on its device (the lease's copy of
+   it there, host/rank_copies.py, dropped when the prompt ends; where the device is rank 0's, e.g. CPU
+   workers, the one module);
 3. replay: decode_tiled runs again and the stand-in hands back the decoded tiles in order (each input
    checked against the tile recorded; one it did not record is decoded on the spot), so the host's code
    does the placing, the overlap feathering, the three-pass average and process_output.
@@ -31,8 +32,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import threading
-import weakref
 from typing import Any, Optional, Sequence
 
 from ..runtime.context import current_worker
@@ -102,21 +101,24 @@ def spread_decode_tiled(decode_tiled, vae, samples, devices: Sequence[Any], work
     stand_in = copy.copy(vae)
     stand_in.first_stage_model = tiles
     decode_tiled(stand_in, samples, **tile_args)                       # 1. record (loads the VAE on rank 0)
-    decoders = list(decoders) if decoders is not None else _decoders(vae, devices)
     group = RankGroup(devices)
+    model = vae.first_stage_model
+    copies = _copies(devices)
     per_rank = [0] * group.size
     outputs: list = [None] * len(tiles.inputs)
 
     def work(rank: int) -> list:                                       # 2. decode, tile i on rank i % N
         import comfy.model_management
         device = group.devices[rank]
+        decoder = decoders[rank] if decoders is not None else \
+            model if device == group.devices[0] else copies.on(model, device)
         with torch.inference_mode():
             for index in range(rank, len(outputs), group.size):
                 if group.aborted:
                     raise RankAborted("another GPU of this VAE decode failed")
                 if rank == 0:
                     comfy.model_management.throw_exception_if_processing_interrupted()
-                outputs[index] = decoders[rank].decode(tiles.inputs[index].to(device)).to(vae.output_device)
+                outputs[index] = decoder.decode(tiles.inputs[index].to(device)).to(vae.output_device)
                 per_rank[rank] += 1
         return per_rank
     run_ranks(group, work, workers)
@@ -125,29 +127,16 @@ def spread_decode_tiled(decode_tiled, vae, samples, devices: Sequence[Any], work
     return images, DecodeResult(per_rank, tiles.missed)
 
 
-_COPIES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()   # decoder -> {device: copy}
-_COPIES_LOCK = threading.Lock()
-
-
-def _decoders(vae, devices: Sequence[Any]) -> list:
-    """Rank r's decoder: the VAE's own where the device is rank 0's, else a copy made once per device
-    (a view of the shared weights, then moved), kept as long as the decoder lives."""
+def _copies(devices: Sequence[Any]):
+    """Where rank r's decoder copy comes from when its device is not rank 0's: the lease's copies
+    (host/rank_copies.py: made in the rank's thread, room made for it, dropped when the prompt ends),
+    or, outside a lease (direct calls), copies kept for this decode only."""
     import torch
-    home = torch.device(devices[0])
-    model = vae.first_stage_model
-    out = []
-    for device in devices:
-        device = torch.device(device)
-        if device == home:
-            out.append(model)
-            continue
-        with _COPIES_LOCK:
-            copies = _COPIES.setdefault(model, {})
-            if device not in copies:
-                from ..runtime.weight_views import make_view
-                copies[device] = make_view(model).to(device)
-            out.append(copies[device])
-    return out
+    from .rank_copies import RankCopies, copies_of
+    if all(torch.device(d) == torch.device(devices[0]) for d in devices):
+        return None
+    lease = getattr(current_worker.get(), "lease", None)
+    return copies_of(lease) if lease is not None else RankCopies()
 
 
 def why_one_gpu(vae, samples, workers: list) -> Optional[str]:

@@ -221,6 +221,7 @@ class LocalScheduler(Scheduler):
             self._release(lease)
             prompt = lease.prompt
             self._push(prompt.target if prompt.target is not None else lease.gpu_id, prompt)
+        lease.scratch.clear()              # outside the lock: frees the ranks' model copies
         self._changed()
 
     def finish(self, lease: Lease, result: dict, status: ExecutionStatus, run_s: float = 0.0) -> dict:
@@ -235,6 +236,7 @@ class LocalScheduler(Scheduler):
             self._release(lease)
             self._history.add(prompt.prompt_id, entry)
             self.mean_run_s = run_s if not self.mean_run_s else 0.9 * self.mean_run_s + 0.1 * run_s
+        lease.scratch.clear()              # outside the lock: frees the ranks' model copies
         # Outside the lock (workers and POST /prompt wait on it): the journal accepted this prompt
         # before it was queued, so the order of the two writes holds without it.
         if self.journal is not None:

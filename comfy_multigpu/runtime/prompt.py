@@ -113,6 +113,7 @@ class Lease:
     ended: threading.Event = field(default_factory=threading.Event, repr=False)
     record: tuple = field(default=(), repr=False)   # the prompt as it was at the start (history)
     notes: dict = field(default_factory=dict, repr=False)   # extra history fields (sequence_parallel)
+    scratch: dict = field(default_factory=dict, repr=False)  # what its ranks made (model copies), dropped at its end
 
     @property
     def gpu_id(self) -> int:

@@ -181,6 +181,14 @@ def register_shared(obj: Any) -> None:
         _SHARED_SOURCES[module] = sources
 
 
+def forget_shared(obj: Any) -> None:
+    """`obj`'s modules no longer point back at the tensors they were viewed from (a copy moved to
+    another device, which nothing offloads: the back references would only keep those alive)."""
+    import torch
+    for module in (m for root in ([obj] if isinstance(obj, torch.nn.Module) else []) for m in root.modules()):
+        _SHARED_SOURCES.pop(module, None)
+
+
 def shared_sources(module) -> Optional[dict]:
     return _SHARED_SOURCES.get(module)
 

@@ -1,0 +1,107 @@
+"""Copies of a sequence-parallel prompt's model (and VAE decoder) on the other GPUs of its lease
+(issue 17): made in each rank's own thread, after room was made on its device, kept for the lease and
+dropped when it ends.
+
+- A copy is made from rank 0's module as it runs (LoRA and other weight patches already applied): a
+  view of its tensors (weight_views.make_view: no memory), then moved to the rank's device. It is
+  remade whenever rank 0's module holds other tensor objects than those it was made from (ComfyUI's
+  ModelPatcher puts a new Parameter in place of every weight it patches, and back when unpatching), so
+  a different LoRA later in the same prompt never meets a stale copy.
+- Before a copy is made, ComfyUI's free_memory (patched: it spares busy workers' models) makes room
+  for it on the rank's device, in the thread of the rank's worker: its own idle models are unloaded
+  if need be, never the models of a worker that runs a prompt.
+- A model whose weights are tensor subclasses its layers do not move themselves (GGUF-style
+  quantized tensors) cannot be copied without moving rank 0's weights too: `uncopyable` says why and
+  the prompt runs on one GPU. ComfyUI's own quantized layers move their weights themselves.
+
+Host objects touched: comfy.model_management.free_memory (called). The copies are not known to
+ComfyUI's model management: they live as long as the lease (Lease.scratch), then the GPU's cache is
+emptied by the worker's housekeeping.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any, Optional
+
+logger = logging.getLogger("comfy_multigpu")
+
+RESERVE_FRACTION = 0.25          # room made beyond a copy's weights: the rank's activations
+SCRATCH_KEY = "rank_copies"
+
+
+class RankCopies:
+    """One lease's copies: (source module, device) -> the copy, with the source's tensor objects it
+    was made from (weak references: a copy never keeps rank 0's replaced weights alive)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict = {}            # (id(source), device) -> (refs, copy)
+
+    def on(self, source, device) -> Any:
+        """`source` (a torch module on rank 0's device) on `device`; call it in the rank's thread."""
+        import torch
+        device = torch.device(device)
+        tensors = _tensors(source)
+        key = (id(source), str(device))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and len(entry[0]) == len(tensors) and \
+                    all(ref() is t for ref, t in zip(entry[0], tensors)):
+                return entry[1]
+            self._entries.pop(key, None)    # stale (other weights now): its memory is needed first
+        copy = make_copy(source, device, tensors)
+        with self._lock:
+            self._entries[key] = ([weakref.ref(t) for t in tensors], copy)
+        return copy
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def copies_of(lease) -> RankCopies:
+    """The lease's RankCopies (made by rank 0 before its ranks start)."""
+    copies = lease.scratch.get(SCRATCH_KEY)
+    if copies is None:
+        copies = lease.scratch[SCRATCH_KEY] = RankCopies()
+    return copies
+
+
+def _tensors(module) -> list:
+    return [t for m in module.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+
+def make_copy(source, device, tensors: Optional[list] = None):
+    """A copy of `source` on `device`, room made for it there first."""
+    import torch
+    from ..runtime import weight_views
+    tensors = _tensors(source) if tensors is None else tensors
+    size = sum(t.nbytes for t in tensors if t.device != device)
+    if device.type == "cuda":
+        import comfy.model_management as mm
+        mm.free_memory(size * (1 + RESERVE_FRACTION), device)
+    view = weight_views.make_view(source)
+    weight_views.forget_shared(view)        # not offloaded by ComfyUI: no way back to rank 0's tensors
+    with torch.inference_mode(any(t.is_inference() for t in tensors[:1])):
+        return view.to(device)
+
+
+def uncopyable(module) -> Optional[str]:
+    """Why `module` cannot be copied to another device without moving its own weights (None: it can):
+    a weight that is a tensor subclass of a layer that does not move its weights itself is shared,
+    not aliased, by a view, and Module.to would move that shared object."""
+    import torch
+    plain = (torch.Tensor, torch.nn.Parameter)
+    for m in module.modules():
+        if type(m)._apply is not torch.nn.Module._apply:
+            continue
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and type(t) not in plain:
+                return (f"its weights are {type(t).__name__} tensors (a tensor subclass), which cannot be copied "
+                        f"to another GPU without moving the first GPU's")
+    return None
