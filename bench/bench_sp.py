@@ -10,10 +10,12 @@ spent at the barriers per forward. CPU ranks share this machine's 2 cores: the N
 the overhead of the exchanges, not a speedup.
 
 Part 2 (model): per step of FLUX.1-dev 1024x1024 (4096 image + 512 text tokens, hidden 3072, 57
-attentions, bf16) on N GPUs = GPU time / N + exchange bytes per rank / link bandwidth + barriers, and
-the host side of N ranks in one process (one GIL) against the GPU time each rank has to hide it in.
+attentions, bf16) on N GPUs = the larger of the GPU side (GPU time / N + exchange bytes per rank / link
+bandwidth) and the host side (N ranks' dispatch in one process, one GIL, + the barriers), and the same
+with every barrier also stalling the GPUs (lockstep, the pessimistic bound).
 
     scripts/run_bench.sh bench/bench_sp.py [--ranks 2,4] [--tokens 256] [--repeat 5] [--devices ...] [--write]
+    scripts/run_bench.sh bench/bench_sp.py --shape dev --devices cuda:0,cuda:1 --ranks 2   # FLUX.1-dev on 2 GPUs
 """
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from shared import comfyui_dir, write_section  # noqa: E402
 
-HIDDEN, HEADS = 128, 4                  # 4 heads of 32: up to 4 ranks; the host side at real depth
+HIDDEN, HEADS = 128, 4                  # --shape tiny: 4 heads of 32, up to 4 ranks; the host side at real depth
+# FLUX.1-dev as comfy/model_detection.py reads it (--shape dev, and GPU check 8): 11.9 B parameters.
+FLUX_DEV = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
 # FLUX.1-dev 1024 px, bf16, per step (cfg 1: one forward)
 DEV = {"tokens": 4096 + 512, "hidden": 3072, "attentions": 19 + 38, "bytes": 2}
 # GPU time of one FLUX.1-dev 1024 px forward: 0.503 s on an L40 (diffusers benchmark CI, the figure
@@ -39,9 +45,11 @@ PUBLISHED = ("xDiT (xfuser) Ulysses-4 on 4xH100: 1.58x eager, 2.63x with torch.c
              "28 steps: 6.71 s -> 4.24 s / 1.63 s); raylight: 1.76x per step on 2 PCIe GPUs")
 
 
-def _comfy():
+def _comfy(cuda: bool):
+    """ComfyUI's modules as main.py configures them: on the GPU (DynamicVRAM off, as the extension
+    runs it; its attention choice is then the GPU's), or with --cpu."""
     sys.path.append(str(comfyui_dir()))
-    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
+    argv, sys.argv = sys.argv, ["main.py", "--disable-dynamic-vram"] if cuda else ["main.py", "--cpu"]
     try:
         import comfy.options
         comfy.options.enable_args_parsing()
@@ -53,13 +61,12 @@ def _comfy():
 
 
 def build(tokens: int, device: str = "cpu"):
+    """--shape tiny: ComfyUI's Flux at FLUX.1-dev depth and width HIDDEN, fp32, and its inputs."""
     import torch
-    ops, Flux = _comfy()
+    ops, Flux = _comfy(torch.device(device).type == "cuda")
     torch.manual_seed(0)
-    model = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
-                 hidden_size=HIDDEN, mlp_ratio=4.0, num_heads=HEADS, depth=19, depth_single_blocks=38,
-                 axes_dim=[4, 14, 14], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                 txt_ids_dims=[], dtype=torch.float32, operations=ops.disable_weight_init)
+    model = Flux(**dict(FLUX_DEV, vec_in_dim=32, context_in_dim=64, hidden_size=HIDDEN, num_heads=HEADS,
+                        axes_dim=[4, 14, 14]), dtype=torch.float32, operations=ops.disable_weight_init)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape) * 0.02)
@@ -67,6 +74,41 @@ def build(tokens: int, device: str = "cpu"):
     inputs = dict(x=torch.randn(1, 16, side, side), timestep=torch.tensor([0.5]),
                   context=torch.randn(1, 64, 64), y=torch.randn(1, 32), guidance=torch.tensor([3.5]))
     return model.eval().requires_grad_(False).to(device), {k: v.to(device) for k, v in inputs.items()}
+
+
+def build_on_device(config: dict, device: str, seed: int = 0):
+    """ComfyUI's Flux of `config` built straight on `device` in bf16, its weights drawn there in place
+    (1/sqrt(fan in) for matrices, 0.02 for biases, norm scales 1): FLUX.1-dev's shape takes about
+    24 GB and no time in RAM."""
+    import torch
+    ops, Flux = _comfy(torch.device(device).type == "cuda")
+    model = Flux(**config, device=device, dtype=torch.bfloat16, operations=ops.disable_weight_init)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1 / p.shape[-1] ** 0.5 if p.ndim > 1 else 0.02, generator=g)
+    return model.eval().requires_grad_(False)
+
+
+def dev_inputs(tokens: int, device: str, text: int = 512) -> dict:
+    """--shape dev: a FLUX.1-dev latent of `tokens` image tokens (4096: 1024 px) and `text` T5 tokens, bf16."""
+    import torch
+    side = int(round((tokens ** 0.5))) * 2
+    g = torch.Generator().manual_seed(1)
+    args = dict(x=torch.randn(1, 16, side, side, generator=g), context=torch.randn(1, text, 4096, generator=g),
+                y=torch.randn(1, 768, generator=g))
+    args = {k: v.to(device=device, dtype=torch.bfloat16) for k, v in args.items()}
+    return dict(args, timestep=torch.tensor([0.5], device=device), guidance=torch.tensor([3.5], device=device))
+
+
+def sync(devices) -> None:
+    import torch
+    for d in set(map(str, devices)):
+        if torch.device(d).type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 def one(model, inputs):
@@ -89,12 +131,15 @@ def host_seconds(model, device: str, repeat: int) -> float:
     """One forward at 16 image + 4 text tokens: almost no arithmetic, so its time is the host side
     (Python and dispatch of the ~2,800 ops of a FLUX.1-dev-depth forward), as bench_gil.py measures."""
     import torch
-    tiny = dict(x=torch.randn(1, 16, 8, 8), timestep=torch.tensor([0.5]), context=torch.randn(1, 4, 64),
-                y=torch.randn(1, 32), guidance=torch.tensor([3.5]))
-    tiny = {k: v.to(device) for k, v in tiny.items()}
+    dtype = next(model.parameters()).dtype
+    width = model.txt_in.in_features
+    tiny = dict(x=torch.randn(1, 16, 8, 8), timestep=torch.tensor([0.5]), context=torch.randn(1, 4, width),
+                y=torch.randn(1, model.vector_in.in_layer.in_features), guidance=torch.tensor([3.5]))
+    tiny = {k: v.to(device=device, dtype=dtype if k in ("x", "context", "y") else None) for k, v in tiny.items()}
     one(model, tiny)
     samples = []
     for _ in range(max(3, repeat)):
+        sync([device])
         t0 = time.perf_counter()
         one(model, tiny)
         samples.append(time.perf_counter() - t0)
@@ -103,45 +148,65 @@ def host_seconds(model, device: str, repeat: int) -> float:
 
 def measure(opts) -> dict:
     devices = opts.devices.split(",")
-    model, inputs = build(opts.tokens, devices[0])
+    if opts.shape == "dev":
+        models = {d: build_on_device(FLUX_DEV, d) for d in dict.fromkeys(devices)}
+        model, inputs = models[devices[0]], dev_inputs(opts.tokens, devices[0])
+    else:
+        model, inputs = build(opts.tokens, devices[0])
+        models = {d: (model if d == devices[0] else build(opts.tokens, d)[0]) for d in set(devices)}
     host = host_seconds(model, devices[0], opts.repeat)
-    models = {d: (model if d == devices[0] else build(opts.tokens, d)[0]) for d in set(devices)}
     one(model, inputs)                                  # warm-up
+    for n in opts.ranks:
+        ranked([models[devices[r % len(devices)]] for r in range(n)], [devices[r % len(devices)] for r in range(n)],
+               inputs)
     times = {1: []}
     groups = {}
     for n in opts.ranks:
         times[n] = []
     for _ in range(opts.repeat):                        # interleaved: 1 rank, then each N
+        sync(devices)
         t0 = time.perf_counter()
         one(model, inputs)
+        sync(devices)
         times[1].append(time.perf_counter() - t0)
         for n in opts.ranks:
             ranks = [devices[r % len(devices)] for r in range(n)]
             t0 = time.perf_counter()
             groups[n] = ranked([models[d] for d in ranks], ranks, inputs)
+            sync(devices)
             times[n].append(time.perf_counter() - t0)
     return {"times": times, "groups": groups, "host": host}
 
 
-def cost_model(n: int, step_s: float, bandwidth: float, host_s: float, barrier_s: float) -> tuple:
-    """(seconds per step on n GPUs, speedup, what bounds it) for FLUX.1-dev 1024 px."""
+def cost_model(n: int, step_s: float, bandwidth: float, host_s: float, barrier_s: float) -> dict:
+    """Seconds per step of FLUX.1-dev 1024 px on n GPUs, two ways, and what bounds the first.
+
+    Ahead (what CUDA allows): a barrier orders the ranks' host threads only; the copies are ordered on
+    the GPUs by torch's cross-device stream events, so while the host dispatches ahead of the GPUs a
+    step costs max(GPU, host): GPU = its share of the work + the exchanged bytes over the link, host =
+    n ranks' dispatch through one GIL + the barriers. Lockstep (pessimistic): every barrier also
+    stalls the GPUs, as if the host waited for them at each exchange."""
     per_rank = DEV["tokens"] / n * DEV["hidden"] * DEV["bytes"]
     exchanged = DEV["attentions"] * (3 + 1) * per_rank * (n - 1) / n     # q, k, v out and the result back
-    exchange_s = exchanged / bandwidth + DEV["attentions"] * 2 * barrier_s
-    gpu = step_s / n + exchange_s
-    host = n * host_s                                    # n ranks' dispatch through one GIL
-    step = max(gpu, host)
-    return step, step_s / step, "host (one GIL)" if host > gpu else "GPU + exchanges"
+    barriers = DEV["attentions"] * 2 * barrier_s
+    gpu = step_s / n + exchanged / bandwidth
+    host = n * host_s + barriers                          # n ranks' dispatch through one GIL
+    ahead = max(gpu, host)
+    lockstep = max(gpu + barriers, host)
+    return {"ahead": ahead, "speedup": step_s / ahead, "bound": "host (one GIL)" if host > gpu else "GPU + exchanges",
+            "lockstep": lockstep, "lockstep_speedup": step_s / lockstep}
 
 
 def report(opts, result, command: str) -> str:
     import torch
     t = result["times"]
     base = statistics.median(t[1])
+    shape = (f"FLUX.1-dev (bf16, random weights built on each device), {opts.tokens} image + 512 text tokens"
+             if opts.shape == "dev" else f"FLUX.1-dev depth, hidden {HIDDEN}, fp32, {opts.tokens} image + 64 text tokens")
+    cuda = all(torch.device(d).type == "cuda" for d in opts.devices.split(","))
     lines = [f"Run {time.strftime('%Y-%m-%d')} on {platform.machine()} ({torch.get_num_threads()} threads), "
              f"Python {platform.python_version()}, torch {torch.__version__}, devices {opts.devices}, command "
-             f"`{command}`: FLUX.1-dev depth, hidden {HIDDEN}, {opts.tokens} image + 64 text tokens, "
-             f"{opts.repeat} repetitions interleaved, medians (min-max).", "",
+             f"`{command}`: {shape}, {opts.repeat} repetitions interleaved, medians (min-max).", "",
              "| ranks | ms per forward | vs 1 rank | exchanges | MiB sent per rank | ms at barriers per rank |",
              "|---|---|---|---|---|---|",
              f"| 1 | {1000 * base:.0f} ({1000 * min(t[1]):.0f}-{1000 * max(t[1]):.0f}) | 1.00x | - | - | - |"]
@@ -155,16 +220,24 @@ def report(opts, result, command: str) -> str:
                      f"{base / med:.2f}x | {g.exchanges} | {statistics.mean(g.sent) / 2 ** 20:.1f} | "
                      f"{1000 * waited:.0f} |")
     host_s = result["host"]
+    server_host_s = host_s if cuda else host_s / 2          # measured on this (GPU) server, or a CPU's guess
+    where = ("as measured here" if cuda else f"as measured here, a server CPU about 2x faster: "
+             f"{1000 * server_host_s:.0f} ms")
     lines += ["", f"Cost model, FLUX.1-dev 1024 px per step (bf16; GPU time per forward as stated in the "
-              f"script; host dispatch per forward per rank {1000 * host_s:.0f} ms as measured here at 16 image "
-              f"tokens (almost no arithmetic), a server CPU about 2x faster: {500 * host_s:.0f} ms; barrier "
+              f"script; host dispatch per forward per rank {1000 * host_s:.0f} ms at 16 image tokens (almost no "
+              f"arithmetic), {where}; barrier "
               f"{1e6 * barrier_s:.0f} us per exchange as measured above, an upper bound: it includes waiting "
-              f"for the slowest rank):", "",
-              "| GPUs | link | step s on 1 GPU | step s on N | speedup | bound by |", "|---|---|---|---|---|---|"]
+              f"for the slowest rank). \"Step s on N\": the host dispatches ahead of the GPUs (a barrier orders "
+              f"host threads, the copies are ordered on the GPUs by stream events), so a step costs max(GPU share + "
+              f"exchanged bytes / link, N x dispatch + barriers); \"lockstep\": as if every barrier also stalled "
+              f"the GPUs (pessimistic). GPU check 8 measures the dispatch of N ranks with real kernels:", "",
+              "| GPUs | link | step s on 1 GPU | step s on N | speedup | bound by | lockstep: step s | lockstep: speedup |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, (step_s, bandwidth) in GPU_STEP_S.items():
         for n in (2, 4):
-            step, speedup, bound = cost_model(n, step_s, bandwidth, host_s / 2, barrier_s)
-            lines.append(f"| {n} | {name} | {step_s:.2f} | {step:.3f} | {speedup:.2f}x | {bound} |")
+            m = cost_model(n, step_s, bandwidth, server_host_s, barrier_s)
+            lines.append(f"| {n} | {name} | {step_s:.2f} | {m['ahead']:.3f} | {m['speedup']:.2f}x | {m['bound']} | "
+                         f"{m['lockstep']:.3f} | {m['lockstep_speedup']:.2f}x |")
     lines += ["", f"Published for comparison: {PUBLISHED}.", ""]
     return "\n".join(lines) + "\n"
 
@@ -172,12 +245,16 @@ def report(opts, result, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="2,4")
-    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--shape", choices=("tiny", "dev"), default="tiny",
+                        help="tiny: FLUX.1-dev depth at width 128, fp32 (CPU); dev: FLUX.1-dev itself, bf16, "
+                             "built on each GPU (about 24 GB each)")
+    parser.add_argument("--tokens", type=int, help="image tokens (default 256 tiny, 4096 dev: 1024 px)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--devices", default="cpu")
     parser.add_argument("--write", action="store_true")
     opts = parser.parse_args()
     opts.ranks = [int(n) for n in opts.ranks.split(",")]
+    opts.tokens = opts.tokens or (4096 if opts.shape == "dev" else 256)
     result = measure(opts)
     command = "scripts/run_bench.sh bench/bench_sp.py " + " ".join(sys.argv[1:])
     text = report(opts, result, command.strip())

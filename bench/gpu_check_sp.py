@@ -30,6 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench_sp import FLUX_DEV, build_on_device          # FLUX.1-dev's shape, built on the device
 from gpu_checks import FAIL, PASS, SEED, Row, comfy_host
 
 TOLERANCE = 1e-4                    # fp32: N ranks against one (tests/test_sequence_parallel.py)
@@ -41,11 +42,6 @@ SMALL_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_di
 # (latent height, width, text tokens): 10 x 6 latent = 5 x 3 = 15 image tokens + 7 text tokens (uneven
 # over 3 and 4 ranks); on CUDA also 32 x 32 = 256 image + 77 text tokens (longer attention kernels).
 SMALL_INPUTS = {"cpu": [(10, 6, 7)], "cuda": [(10, 6, 7), (32, 32, 77)]}
-# FLUX.1-dev as comfy/model_detection.py reads it (image_model "flux": 24 heads, axes_dim [16, 56, 56],
-# patch 2, theta 10000, 16 latent channels, so 64 values per token) with the checkpoint's widths
-# (hidden 3072, T5-XXL context 4096, CLIP-L pooled 768, 19 double + 38 single blocks): 11.9 B parameters.
-FLUX_DEV = dict(SMALL_FLUX, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=19,
-                depth_single_blocks=38, axes_dim=[16, 56, 56])
 # Part 3: 1024 px = 128 x 128 latent (8x VAE) = 64 x 64 = 4096 image tokens + 512 T5 tokens (FLUX.1-dev's
 # maximum); the dry run: 4 heads of 32, a few double and single blocks, 16 image + 8 text tokens.
 TIMED = {"cuda": dict(flux=FLUX_DEV, latent=(128, 128), text=512, repeat=5, label="FLUX.1-dev 1024 px"),
@@ -236,22 +232,6 @@ def part_bf16(state) -> list:
 
 # ---- part 3: one forward timed ---------------------------------------------------------------------
 
-def build_on_device(torch, config: dict, device: str):
-    """ComfyUI's Flux built straight on `device` in bf16, its weights drawn there in place (1/sqrt(fan
-    in) for matrices, 0.02 for biases, norm scales 1)."""
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-    model = Flux(**config, device=device, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
-    g = torch.Generator(device).manual_seed(SEED)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 1 / p.shape[-1] ** 0.5 if p.ndim > 1 else 0.02, generator=g)
-    return model.eval().requires_grad_(False)
-
-
 def time_forwards(torch, model, args, device: str, repeat: int, cuda: bool) -> dict:
     """{N: ([(host s, total s, RankGroup or None) per run], the last output)} for each N of TIMED_RANKS,
     a warm-up first; host = until the call returns, total = until the device is done."""
@@ -281,7 +261,7 @@ def part_timing(state) -> list:
     config, label = case["flux"], case["label"]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_on_device(torch, config, device)
+    model = build_on_device(config, device, SEED)
     try:
         size = sum(p.nbytes for p in model.parameters())
         args = inputs(torch, device, *case["latent"], case["text"], dtype=torch.bfloat16, flux=config)

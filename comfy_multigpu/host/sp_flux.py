@@ -133,8 +133,8 @@ def run_forward(models: Sequence[Any], devices: Sequence[Any], args: tuple, kwar
     def work(rank: int):
         device = group.devices[rank]
         call = first if rank == 0 and first is not None else models[rank]._forward
-        return call(*(_move(a, device) for a in args), options(group, rank),
-                    **{k: _move(v, device) for k, v in kwargs.items()})
+        opts = {k: _move(v, device) for k, v in options(group, rank).items()}    # e.g. "sigmas"
+        return call(*(_move(a, device) for a in args), opts, **{k: _move(v, device) for k, v in kwargs.items()})
     return run_ranks(group, work, workers), group
 
 
