@@ -29,6 +29,11 @@ main() {
   export PYTHONPATH="${work}/site${PYTHONPATH:+:${PYTHONPATH}}" COMFYUI_DIR="${work}/comfyui"
   export COMFY_MULTIGPU_CACHE="${work}/cache" PYTHONUNBUFFERED=1
   cd "${ROOT}" || exit 2
+  # Seconds, not a machine start, if the machine lacks something the checks import.
+  python3 -c "import torch, psutil, einops, safetensors, transformers, yaml, PIL, comfy_aimdo, comfy_kitchen" || {
+    echo "device_check: this machine's python3 lacks a package above: add its cp312 wheel to scripts/device_kit.py" >&2
+    exit 2
+  }
   python3 bench/gpu_check.py --out "${out}/gpu_check.md" "$@"
   local rc=$?
   if [[ -d "${work}/cache/gpu-check" && "${out}" != "${work}" ]]; then

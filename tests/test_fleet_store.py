@@ -211,3 +211,31 @@ def test_a_machine_that_retakes_its_own_lost_prompt_runs_it_once_more_and_only_t
     entry = store.history_entry("again")
     assert entry["outputs"] == {"1": {"who": ["new"]}} and entry["node"] == "m1" and entry["gpu_id"] == 1
     assert fleet.running_here() == [] and store.active_count() == 0
+
+
+def test_a_lost_lease_of_a_gang_still_waiting_here_leaves_this_machines_queue(store):
+    """A prompt of two GPUs taken by this machine waits for its second GPU; its lease is lost (taken
+    over elsewhere): it leaves the local queue, so no GPU here holds or runs it for nothing."""
+    from helpers.fake_host import FakeHost
+    from comfy_multigpu.fleet.scheduler import FleetScheduler
+    from comfy_multigpu.policy.config import FleetSettings
+    from comfy_multigpu.runtime.pool import PoolOptions, WorkerPool
+
+    pool = WorkerPool([("cpu", "cpu")] * 2, PoolOptions(), host=FakeHost())
+    fleet = FleetScheduler(pool.scheduler, store, FleetSettings(store.url, "m1"), pool.workers)
+    enqueue(store, "busy")
+    busy, _ = take(store, 1)
+    fleet.hold(busy)
+    fleet.run_locally(busy, 1)
+    assert pool.scheduler.take_next(1).prompt_id == "busy"
+    enqueue(store, "gang")
+    gang, _ = take(store, 0)
+    gang.record[2] = {"1": {"class_type": "SequenceParallel", "inputs": {"gpus": 2}}}
+    fleet.hold(gang)
+    fleet.run_locally(gang, 0)
+    assert pool.scheduler.take_next(0) is None                      # GPU 1 is busy: it waits, held
+    assert pool.scheduler.locate("gang")[0] == "queued"
+    assert pool.scheduler.snapshot().gpus[0].held_for == "gang"
+    fleet.lost("gang")
+    assert pool.scheduler.locate("gang") is None and pool.scheduler.snapshot().gpus[0].held_for == ""
+    assert [p.prompt_id for p in fleet._runs] == ["busy"]

@@ -251,6 +251,50 @@ def test_single_gpu_prompts_flow_past_a_waiting_gang_only_max_overtakes_times(ma
     assert len(before) <= 3, before
 
 
+def test_lower_priority_prompts_count_as_overtaking_a_waiting_gang_and_a_gang_not_yet_due_holds_nothing(make_pool):
+    from comfy_multigpu.policy.placement import queue_number
+    pool, host = make_pool(2, max_overtakes=1)
+    host.gates["a"] = threading.Event()
+    pool.scheduler.admit(prompt("a0", 0, target=0, gate="a"))
+    wait_busy(pool, 0)
+    pool.scheduler.admit(prompt("gang", 1, gang=2, seconds=0.05))
+    low = [f"l{i}" for i in range(2, 6)]
+    for i, pid in enumerate(low):
+        pool.scheduler.admit(prompt(pid, queue_number(i + 2, "low"), seconds=0.05))
+    wait_for(lambda: pool.scheduler.snapshot().gpus[1].held_for == "gang", "GPU 1 never held for the gang")
+    host.gates["a"].set()
+    wait_done(pool, ["a0", "gang"] + low)
+    assert [p for p in low if started(host, p) < started(host, "gang")] == ["l2"]
+
+    pool2, host2 = make_pool(2, max_overtakes=5)                    # not due: GPU 1 idles, holds nothing
+    host2.gates["b"] = threading.Event()
+    pool2.scheduler.admit(prompt("b0", 0, target=0, gate="b"))
+    wait_busy(pool2, 0)
+    pool2.scheduler.admit(prompt("gang", 1, gang=2, seconds=0.01))
+    time.sleep(0.1)
+    assert [q.held_for for q in pool2.scheduler.snapshot().gpus] == ["", ""] and not pool2.workers[1].busy
+    host2.gates["b"].set()
+    assert len(wait_done(pool2, ["b0", "gang"])["gang"]["gpu_ids"]) == 2
+
+
+def test_a_gpu_held_for_an_earlier_gang_is_not_taken_by_a_later_one(make_pool):
+    """Pools overlap on GPU 1: the earlier gang (GPUs 0, 1) is due while GPU 0 runs; GPU 1 holds for
+    it, and the later gang (GPUs 1, 2), which GPU 2 could start with GPU 1, waits for it."""
+    pool, host = make_pool(3)
+    host.gates["a"] = threading.Event()
+    pool.scheduler.admit(prompt("a0", 0, target=0, gate="a"))
+    wait_busy(pool, 0)
+    pool.scheduler.admit(prompt("first", 1, gang=2, eligible=frozenset({0, 1}), seconds=0.05))
+    wait_for(lambda: pool.scheduler.snapshot().gpus[1].held_for == "first", "GPU 1 never held")
+    pool.scheduler.admit(prompt("later", 2, gang=2, eligible=frozenset({1, 2}), seconds=0.05))
+    time.sleep(0.2)
+    assert "later" not in pool.scheduler.history() and not pool.workers[2].busy
+    host.gates["a"].set()
+    history = wait_done(pool, ["a0", "first", "later"])
+    assert sorted(history["first"]["gpu_ids"]) == [0, 1] and sorted(history["later"]["gpu_ids"]) == [1, 2]
+    assert started(host, "first") < started(host, "later")
+
+
 def test_an_elastic_gang_starts_at_once_on_the_gpus_that_are_free(make_pool):
     """X-SEQUENCE-PARALLEL: auto (SequenceParallel's `auto`): up to `gang` GPUs, those free now."""
     pool, host = make_pool(3)

@@ -248,11 +248,22 @@ class FleetScheduler(Scheduler):
             pass                                # its lease expires and another machine takes it
 
     def lost(self, prompt_id: str) -> None:
-        """Renewal found the lease taken over: stop renewing it; stop the run here if there is one (its
-        result is dropped)."""
+        """Renewal found the lease taken over: stop renewing it; drop it from this machine's queue if it
+        has not started, stop the run here if there is one (its result is dropped)."""
         with self._lock:
             self._held.pop(prompt_id, None)
             self._parked.pop(prompt_id, None)
+        waiting: list = []                   # still queued here (a gang waiting for free GPUs): dropped
+
+        def match(prompt: QueuedPrompt) -> bool:
+            if prompt.prompt_id == prompt_id:
+                waiting.append(prompt)
+                return True
+            return False
+        self.local.cancel(match)
+        with self._lock:
+            for prompt in waiting:
+                self._runs.pop(prompt, None)
         for worker in self.members:
             lease = worker.lease
             if lease is not None and lease.prompt_id == prompt_id and not lease.ended.is_set():

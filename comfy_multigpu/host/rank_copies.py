@@ -32,28 +32,30 @@ SCRATCH_KEY = "rank_copies"
 
 
 class RankCopies:
-    """One lease's copies: (source module, device) -> the copy, with the source's tensor objects it
-    was made from (weak references: a copy never keeps rank 0's replaced weights alive)."""
+    """One lease's copies, one per device: the copy and what it was made from (weak references to the
+    source's modules, tensors and on-the-fly weight patches: a copy never keeps rank 0's replaced
+    weights alive, and a source that changed in any of them is copied again)."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._entries: dict = {}            # (id(source), device) -> (refs, copy)
+        self._entries: dict = {}            # device -> (source's signature, copy)
 
     def on(self, source, device) -> Any:
-        """`source` (a torch module on rank 0's device) on `device`; call it in the rank's thread."""
+        """`source` (a torch module on rank 0's device) on `device`; call it in the rank's thread, one
+        rank per device at a time."""
         import torch
         device = torch.device(device)
-        tensors = _tensors(source)
-        key = (id(source), str(device))
+        parts = _signature(source)
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and len(entry[0]) == len(tensors) and \
-                    all(ref() is t for ref, t in zip(entry[0], tensors)):
+            entry = self._entries.get(str(device))
+            if entry is not None and len(entry[0]) == len(parts) and all(ref() is p for ref, p in zip(entry[0], parts)):
                 return entry[1]
-            self._entries.pop(key, None)    # stale (other weights now): its memory is needed first
-        copy = make_copy(source, device, tensors)
+            # another model (Wan 2.2's second expert), or this one's weights changed: the old copy's
+            # memory is needed first
+            self._entries.pop(str(device), None)
+        copy = make_copy(source, device, _tensors(source))
         with self._lock:
-            self._entries[key] = ([weakref.ref(t) for t in tensors], copy)
+            self._entries[str(device)] = ([weakref.ref(p) for p in parts], copy)
         return copy
 
     def clear(self) -> None:
@@ -74,6 +76,26 @@ def copies_of(lease) -> RankCopies:
 
 def _tensors(module) -> list:
     return [t for m in module.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+
+def _signature(module) -> list:
+    """What a copy of `module` depends on: its modules, their tensors, and the weight patches ComfyUI
+    applies on the fly in low-VRAM mode (comfy.ops' weight_function / bias_function lists)."""
+    parts = []
+    for m in module.modules():
+        parts.append(m)
+        parts.extend(t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+        for name in ("weight_function", "bias_function"):
+            parts.extend(f for f in getattr(m, name, None) or () if _weakrefable(f))
+    return parts
+
+
+def _weakrefable(obj) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def make_copy(source, device, tensors: Optional[list] = None):

@@ -131,16 +131,21 @@ def run_forward(models: Sequence[Any], devices: Sequence[Any], args: tuple, kwar
     group = RankGroup(devices)
 
     def work(rank: int):
-        device = group.devices[rank]
+        home, device = group.devices[0], group.devices[rank]
         call = first if rank == 0 and first is not None else models[rank]._forward
-        opts = {k: _move(v, device) for k, v in options(group, rank).items()}    # e.g. "sigmas"
-        return call(*(_move(a, device) for a in args), opts, **{k: _move(v, device) for k, v in kwargs.items()})
+        opts = {k: _move(v, home, device) for k, v in options(group, rank).items()}    # e.g. "sigmas"
+        return call(*(_move(a, home, device) for a in args), opts,
+                    **{k: _move(v, home, device) for k, v in kwargs.items()})
     return run_ranks(group, work, workers), group
 
 
-def _move(value, device):
+def _move(value, home, device):
+    """Tensors on rank 0's device (`home`), also in lists and tuples, onto the rank's `device`;
+    anything else (tensors kept elsewhere on purpose, e.g. on the CPU) as it is."""
+    if home == device:
+        return value
     if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, list):
-        return [_move(v, device) for v in value]
+        return value.to(device) if value.device == home else value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_move(v, home, device) for v in value)
     return value

@@ -152,13 +152,16 @@ def models_on(model, devices: list, workers: list) -> list:
         return out
     from .rank_copies import copies_of
     copies = copies_of(current_worker.get().lease)
+    first = {}                                    # device -> the rank that makes its copy (two workers, one GPU)
+    for rank, device in enumerate(devices):
+        first.setdefault(str(device), rank)
 
     def place(rank: int) -> bool:
-        if devices[rank] != devices[0]:
+        if devices[rank] != devices[0] and first[str(devices[rank])] == rank:
             out[rank] = copies.on(model, devices[rank])
         return True
     run_ranks(RankGroup(devices), place, workers)
-    return out
+    return [out[first[str(d)]] for d in devices]
 
 
 FLUX_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")

@@ -29,7 +29,8 @@ class _Slot:
     pending: list = field(default_factory=list)   # heap of (number, prompt id, QueuedPrompt)
     pinned: list = field(default_factory=list)    # heap of (number, prompt id) of its pinned prompts
     lease: Optional[Lease] = None                 # the lease it runs (rank 0) or is reserved for
-    held_for: str = ""                            # idle for a gang prompt that waits for more free GPUs
+    held_for: str = ""                            # held free for this due gang prompt (starts nothing later)
+    shows: bool = False                           # idle with a gang it could not start: others see its queue
     unhealthy: str = ""                           # why the watchdog holds it out ("" = fine)
     mailbox: dict = field(default_factory=dict)
 
@@ -173,7 +174,7 @@ class LocalScheduler(Scheduler):
         (`held_for`) until enough are free, so a stream of single-GPU prompts cannot starve it. An
         idle worker passing one over shows its queue to the others, which may start it."""
         slot = self._slots[gpu_id]
-        slot.held_for = ""
+        slot.held_for, slot.shows = "", False
         if self._draining or self._closed or slot.lease is not None:
             return None
         waiting = self._startable(gpu_id)
@@ -182,21 +183,21 @@ class LocalScheduler(Scheduler):
             chosen = placement.choose_next(gpu_id, self._members[gpu_id].recent_models(), waiting,
                                            self.max_overtakes)
             if chosen is None:
-                if passed:
-                    slot.held_for = passed[0].prompt_id
+                slot.shows = bool(passed)
                 return None
             prompt = self._waiting[chosen.prompt_id][1]
-            gpus = gang_gpus(gpu_id, prompt, [self._is_free(g) for g in range(len(self._slots))],
-                             self._loads(), self._gang_turn)
+            gpus = gang_gpus(gpu_id, prompt, self._free_for(prompt), self._loads(), self._gang_turn)
             if gpus is not None:
                 break
             if chosen.overtaken >= self.max_overtakes and self._can_gather(prompt):
-                slot.held_for = prompt.prompt_id
+                slot.held_for, slot.shows = prompt.prompt_id, True
                 return None
             passed.append(chosen)
             waiting = [w for w in waiting if w is not chosen]     # not enough free GPUs yet
-        for prompt_id in placement.overtaken_by(gpu_id, chosen, waiting + passed):
+        for prompt_id in placement.overtaken_by(gpu_id, chosen, waiting):
             self._overtaken[prompt_id] = self._overtaken.get(prompt_id, 0) + 1
+        for w in passed:                   # also when what starts instead is of a lower band
+            self._overtaken[w.prompt_id] = self._overtaken.get(w.prompt_id, 0) + 1
         self._unqueue(chosen.owner, prompt)
         if chosen.owner != gpu_id:
             logger.info("[GPU %s] Took over prompt %s waiting behind GPU %s", gpu_id, prompt.prompt_id,
@@ -217,11 +218,11 @@ class LocalScheduler(Scheduler):
         return lease
 
     def requeue(self, lease: Lease) -> None:
+        lease.scratch.clear()              # the ranks' model copies, before their GPUs take other work
         with self._lock:
             self._release(lease)
             prompt = lease.prompt
             self._push(prompt.target if prompt.target is not None else lease.gpu_id, prompt)
-        lease.scratch.clear()              # outside the lock: frees the ranks' model copies
         self._changed()
 
     def finish(self, lease: Lease, result: dict, status: ExecutionStatus, run_s: float = 0.0) -> dict:
@@ -232,11 +233,11 @@ class LocalScheduler(Scheduler):
         if len(lease.gpu_ids) > 1:
             entry["gpu_ids"] = list(lease.gpu_ids)
         entry.update(lease.notes)
+        lease.scratch.clear()              # the ranks' model copies, before their GPUs take other work
         with self._lock:
             self._release(lease)
             self._history.add(prompt.prompt_id, entry)
             self.mean_run_s = run_s if not self.mean_run_s else 0.9 * self.mean_run_s + 0.1 * run_s
-        lease.scratch.clear()              # outside the lock: frees the ranks' model copies
         # Outside the lock (workers and POST /prompt wait on it): the journal accepted this prompt
         # before it was queued, so the order of the two writes holds without it.
         if self.journal is not None:
@@ -266,6 +267,7 @@ class LocalScheduler(Scheduler):
     def start_draining(self) -> bool:
         with self._lock:
             was, self._draining = self._draining, True
+            self.wake()                    # held workers let go (nothing starts while draining)
         return not was
 
     def stop_draining(self) -> None:
@@ -305,8 +307,9 @@ class LocalScheduler(Scheduler):
         with self._lock:
             gpus = tuple(GpuQueue(gpu, (slot.lease,) if slot.lease is not None else (), len(slot.pending),
                                   tuple(e[2] for e in sorted(slot.pending, key=queue_order)) if detail else (),
-                                  slot.unhealthy, slot.held_for if slot.lease is None else "")
-                         for gpu, slot in enumerate(self._slots))
+                                  slot.unhealthy, slot.held_for if slot.lease is None and not m.down
+                                  and slot.held_for in self._waiting else "")
+                         for gpu, (slot, m) in enumerate(zip(self._slots, self._members)))
             return QueueSnapshot(gpus, self._draining, len(self._history))
 
     def locate(self, prompt_id: str) -> Optional[tuple[str, int, float]]:
@@ -370,6 +373,17 @@ class LocalScheduler(Scheduler):
                                      len(s.pending), m.recent_models(), m.weight, m.free_memory)
                 for m, s in zip(self._members, self._slots)]
 
+    def _free_for(self, prompt: QueuedPrompt) -> list:
+        """Which GPUs a lease of `prompt` may take: free ones, but not one held for an earlier gang
+        (a hold is a reservation for the prompt that is due, not for any gang)."""
+        free = [self._is_free(g) for g in range(len(self._slots))]
+        if prompt.gang > 1:
+            for g, slot in enumerate(self._slots):
+                held = self._waiting.get(slot.held_for) if slot.held_for else None
+                if free[g] and held is not None and held[1] is not prompt and held[1].order < prompt.order:
+                    free[g] = False
+        return free
+
     def _can_gather(self, prompt: QueuedPrompt) -> bool:
         """Enough workers of the gang's pool are up and healthy for it to start once they are free
         (holding workers for a gang that cannot start, or that waits for a prompt the watchdog
@@ -409,7 +423,7 @@ class LocalScheduler(Scheduler):
         lease = Lease(next(self._lease_ids), prompt, gpus, record=copy.deepcopy(prompt.stock()))
         for gpu in gpus:                   # ascending: the one global order
             self._slots[gpu].lease = lease
-            self._slots[gpu].held_for = ""
+            self._slots[gpu].held_for, self._slots[gpu].shows = "", False
         self.wake()                        # these workers are busy now: their auto prompts may move
         return lease
 

@@ -86,8 +86,8 @@ def run_ranks(group: RankGroup, work: Callable[[int], Any], workers: Optional[Se
     for (its thread's current_worker, so it sees that worker's device). A rank thread also gets its
     device as the current CUDA device (custom kernels launch there: comfy_kitchen's RoPE, Triton,
     sage) and the caller's inference and grad modes (thread-local in torch). The first error aborts
-    the group and is raised; a rank that does not stop within the group's timeout after that is
-    reported, never waited for forever."""
+    the group and is raised; after a failure, a rank that does not stop within the group's timeout is
+    reported, not waited for forever."""
     import torch
     results: list = [None] * group.size
     errors: list = []
@@ -116,10 +116,13 @@ def run_ranks(group: RankGroup, work: Callable[[int], Any], workers: Optional[Se
         t.start()
     run(0)
     for rank, t in enumerate(threads, start=1):
-        t.join(group.timeout)                # rank 0 has ended: the others end with it, or are stuck
+        failed = errors or aborted or group.aborted
+        t.join(group.timeout if failed else None)    # after a failure: the others stop, or are stuck
         if t.is_alive():
+            if errors:
+                raise errors[0]
             raise RankAborted(f"rank {rank} on {group.devices[rank]} did not stop within {group.timeout:g} s "
-                              f"after the others ended (stuck in a device call?)")
+                              f"after the others failed (stuck in a device call?)")
     if errors:
         raise errors[0]
     if results[0] is None:

@@ -41,7 +41,7 @@ def startable(gpu_id: int, slots, members, waiting_index: dict, overtaken: dict)
     in an idle one's that holds a gang prompt it cannot start alone. Costs O(workers x LOOKAHEAD)
     however long the queues are."""
     heads = [movable_head(slots[owner].pending, owner, gpu_id) for owner in range(len(slots))
-             if owner == gpu_id or slots[owner].lease is not None or members[owner].down or slots[owner].held_for]
+             if owner == gpu_id or slots[owner].lease is not None or members[owner].down or slots[owner].shows]
     first = itertools.islice(heapq.merge(*heads, key=queue_order), placement.LOOKAHEAD)
     waiting = [placement.Waiting(p.prompt_id, p.number, owner, p.models, p.eligible,
                                  overtaken.get(p.prompt_id, 0))
