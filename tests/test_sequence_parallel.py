@@ -179,6 +179,13 @@ def test_token_and_head_splits():
     with pytest.raises(ValueError):
         token_ranges(3, 15, 4)
     assert head_groups(6, 4) == [(0, 1), (1, 3), (3, 4), (4, 6)]
+    from comfy_multigpu.policy.sequence_split import split_avoiding
+    for count, ranks, avoid, spread in ((1544, 3, {514, 521, 7}, 3), (772, 3, {257, 264, 7}, 2),
+                                        (30, 2, {15, 22, 7}, 2), (514, 2, {257}, 2), (60, 4, {14, 15, 16}, 6)):
+        parts = split_avoiding(count, ranks, avoid)
+        lengths = [b - a for a, b in parts]
+        assert parts[0][0] == 0 and parts[-1][1] == count and all(a == b for (_, a), (b, _) in zip(parts, parts[1:]))
+        assert not set(lengths) & avoid and max(lengths) - min(lengths) <= spread, (count, ranks, lengths)
     with pytest.raises(ValueError):
         head_groups(2, 3)
 
@@ -322,6 +329,36 @@ def test_wan_on_n_ranks_gives_the_output_of_one(wan, n, tokens):
         expected = wan._forward(args["x"], args["timestep"], args["context"], transformer_options={})
     got = wan_ranks(wan, args, n)
     assert got.shape == expected.shape
+    assert max_rel_error(got, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("n, shape, clip", [(3, (1, 4, 193), 257), (3, (2, 10, 6), 257), (3, (1, 4, 386), 514)])
+def test_wan_image_to_video_on_n_ranks_gives_the_output_of_one(wan, n, shape, clip):
+    """Wan 2.1 image to video (CLIP image tokens before the text in the context, two cross-attentions):
+    514 video tokens over 2 ranks would give each exactly 257 (the image tokens' count) or 514 (first-last
+    frame): the split moves a token so that no cross-attention is taken for the self-attention."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    from comfy_multigpu.host.sp_wan import parallel_forward_wan
+    torch.manual_seed(0)
+    model = WanModel(model_type="i2v", patch_size=(1, 2, 2), in_dim=16, dim=64, ffn_dim=128, freq_dim=256,
+                     text_dim=64, out_dim=16, num_heads=4, num_layers=2, qk_norm=True, cross_attn_norm=True, eps=1e-6,
+                     flf_pos_embed_token_number=clip if clip != 257 else None, dtype=torch.float32,
+                     operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else torch.randn(p.shape) * 0.02)
+            if "norm" in name:
+                p.fill_(1.0)
+    model.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(4)
+    frames, height, width = shape
+    x = torch.randn(1, 16, frames, 2 * height, 2 * width, generator=g)
+    context, clip_fea = torch.randn(1, 7, 64, generator=g), torch.randn(1, clip, 1280, generator=g)
+    with torch.no_grad():
+        expected = model._forward(x, torch.tensor([600.0]), context, clip_fea, transformer_options={})
+        got = parallel_forward_wan([model] * n, ["cpu"] * n, x, torch.tensor([600.0]), context, clip_fea,
+                                   transformer_options={})[0]
     assert max_rel_error(got, expected) < TOLERANCE
 
 

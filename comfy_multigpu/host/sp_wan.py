@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..policy.sequence_split import fallback_reason
+from ..policy.sequence_split import fallback_reason, split_avoiding
 from ..runtime.rank_group import RankGroup
 from .sp_flux import _Rank, run_forward
 
@@ -45,31 +45,22 @@ def wan_fallback(model, x, timestep, context, transformer_options: dict, ranks: 
 
 
 class _WanRank(_Rank):
-    def __init__(self, group: RankGroup, rank: int, blocks: int):
+    def __init__(self, group: RankGroup, rank: int, blocks: int, image_tokens: int = 257):
         super().__init__(group, rank)
         self.blocks = blocks
+        self.image_tokens = image_tokens      # CLIP image tokens in the context (257; 514 first-last frame)
         self.bounds = None
 
     def lengths(self) -> list[int]:
         return [b - a for a, b in self.bounds]
-
-    def _split(self, tokens: int, avoid: set) -> list[tuple[int, int]]:
-        """Even contiguous shares, none as long as a context the cross-attention attends to."""
-        n = self.group.size
-        cuts = [tokens * r // n for r in range(n + 1)]
-        for r in range(1, n):
-            while cuts[r] - cuts[r - 1] in avoid and cuts[r] + 1 < cuts[r + 1]:
-                cuts[r] += 1
-        if cuts[n] - cuts[n - 1] in avoid:
-            cuts[n - 1] -= 1
-        return list(zip(cuts, cuts[1:]))
 
     def block(self, index: int):
         def run(args: dict, extra: dict) -> dict:
             x, freqs = args["img"], args["pe"]
             if index == 0:
                 context = args["txt"].shape[1]
-                self.bounds = self._split(x.shape[1], {context, 257, context - 257})
+                self.bounds = split_avoiding(x.shape[1], self.group.size,
+                                             {context, self.image_tokens, context - self.image_tokens})
             a, b = self.bounds[self.rank]
             if index == 0:
                 x = x[:, a:b]
@@ -96,6 +87,8 @@ def parallel_forward_wan(models: Sequence[Any], devices: Sequence[Any], x, times
                          workers: Optional[Sequence[Any]] = None, **kwargs):
     """WanModel._forward over len(models) ranks (see sp_flux.parallel_forward)."""
     blocks = len(models[0].blocks)
+    image_tokens = clip_fea.shape[-2] if clip_fea is not None else 257
     return run_forward(models, devices, (x, timestep, context, clip_fea, time_dim_concat), kwargs,
-                       lambda group, rank: _WanRank(group, rank, blocks).wan_options(transformer_options or {}),
+                       lambda group, rank: _WanRank(group, rank, blocks, image_tokens).wan_options(
+                           transformer_options or {}),
                        first=first, workers=workers)

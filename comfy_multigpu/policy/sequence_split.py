@@ -28,6 +28,29 @@ def token_ranges(txt: int, img: int, ranks: int) -> list[TokenRange]:
     return [TokenRange(t, i) for t, i in zip(_even(txt, ranks), _even(img, ranks))]
 
 
+def split_avoiding(count: int, ranks: int, avoid: set) -> list[tuple[int, int]]:
+    """`count` tokens in `ranks` contiguous shares as even as they go, none of a length in `avoid`
+    (Wan: a share as long as a context the cross-attention reads would be taken for self-attention).
+    A share that would be is traded a token with another share that stays clear of `avoid`."""
+    lengths = [b - a for a, b in _even(count, ranks)]
+    for i in range(ranks):
+        if lengths[i] not in avoid:
+            continue
+        for delta in (1, -1, 2, -2, 3, -3, 4, -4):
+            others = sorted((j for j in range(ranks) if j != i), key=lambda j: -lengths[j] * (1 if delta > 0 else -1))
+            j = next((j for j in others if lengths[j] - delta >= 1 and lengths[j] - delta not in avoid
+                      and lengths[i] + delta not in avoid), None)
+            if j is not None:
+                lengths[i], lengths[j] = lengths[i] + delta, lengths[j] - delta
+                break
+        else:
+            raise ValueError(f"{count} tokens cannot be split over {ranks} ranks avoiding lengths {sorted(avoid)}")
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    return list(zip(bounds, bounds[1:]))
+
+
 def head_groups(heads: int, ranks: int) -> list[tuple[int, int]]:
     """Attention heads computed by each rank after the exchange (uneven groups allowed)."""
     if not 1 <= ranks <= heads:
