@@ -179,17 +179,22 @@ def test_output_number_blocks_are_unique_and_continue_without_gaps_when_alone(st
     assert store.name_reserve("output//img", 4, 1000) == 1003                 # alone: no gap
 
 
-def test_a_machine_that_retakes_its_own_lost_prompt_runs_it_once_more_and_only_that_result_counts(store):
-    """FleetScheduler over a real LocalScheduler (not started; leases taken by hand): the earlier run's
-    result is dropped, the newer attempt waits for it to end, then runs and completes."""
+def machine(store):
+    """Machine m1 of two CPU workers (not started: leases taken by hand): its pool and the
+    FleetScheduler over its real LocalScheduler."""
     from helpers.fake_host import FakeHost
     from comfy_multigpu.fleet.scheduler import FleetScheduler
     from comfy_multigpu.policy.config import FleetSettings
     from comfy_multigpu.runtime.pool import PoolOptions, WorkerPool
-    from comfy_multigpu.runtime.prompt import ExecutionStatus
-
     pool = WorkerPool([("cpu", "cpu")] * 2, PoolOptions(), host=FakeHost())
-    fleet = FleetScheduler(pool.scheduler, store, FleetSettings(store.url, "m1"), pool.workers)
+    return pool, FleetScheduler(pool.scheduler, store, FleetSettings(store.url, "m1"), pool.workers)
+
+
+def test_a_machine_that_retakes_its_own_lost_prompt_runs_it_once_more_and_only_that_result_counts(store):
+    """FleetScheduler over a real LocalScheduler (not started; leases taken by hand): the earlier run's
+    result is dropped, the newer attempt waits for it to end, then runs and completes."""
+    from comfy_multigpu.runtime.prompt import ExecutionStatus
+    pool, fleet = machine(store)
     enqueue(store, "again")
     first, _ = take(store, 0)
     fleet.hold(first)
@@ -216,13 +221,7 @@ def test_a_machine_that_retakes_its_own_lost_prompt_runs_it_once_more_and_only_t
 def test_a_lost_lease_of_a_gang_still_waiting_here_leaves_this_machines_queue(store):
     """A prompt of two GPUs taken by this machine waits for its second GPU; its lease is lost (taken
     over elsewhere): it leaves the local queue, so no GPU here holds or runs it for nothing."""
-    from helpers.fake_host import FakeHost
-    from comfy_multigpu.fleet.scheduler import FleetScheduler
-    from comfy_multigpu.policy.config import FleetSettings
-    from comfy_multigpu.runtime.pool import PoolOptions, WorkerPool
-
-    pool = WorkerPool([("cpu", "cpu")] * 2, PoolOptions(), host=FakeHost())
-    fleet = FleetScheduler(pool.scheduler, store, FleetSettings(store.url, "m1"), pool.workers)
+    pool, fleet = machine(store)
     enqueue(store, "busy")
     busy, _ = take(store, 1)
     fleet.hold(busy)
