@@ -141,7 +141,6 @@ class SequenceParallelWrapper:
                         note["gpu_ids"])
 
 
-
 def models_on(model, devices: list, workers: list) -> list:
     """`model` for each rank: the same module where the rank's device is rank 0's (CPU workers, two
     workers on one GPU), else the lease's copy on that device (host/rank_copies.py), made in the
