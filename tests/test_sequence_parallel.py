@@ -392,6 +392,7 @@ def test_a_wan_video_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
         got, entry = latent_of(multi4, wf.wan(n))
         assert max_rel_error(got, expected) < TOLERANCE, n
         assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None
+    assert "SequenceParallel: each Wan forward on GPUs" in multi4.log()
 
 
 def test_sequence_parallel_and_single_prompts_together_all_finish_with_the_lease_visible(multi4):

@@ -78,7 +78,7 @@ class SequenceParallelWrapper:
                     ranks, reason = fits, None
             if reason is None and any(w.device != workers[0].device for w in workers[1:ranks]):
                 reason = uncopyable(model)
-        self._note(workers, ranks, reason)
+        self._note(workers, ranks, reason, {"flux": "FLUX", "wan": "Wan"}.get(family, ""))
         if reason is not None or self.gpus < 2:
             return executor(*args, **kwargs)
         workers = workers[:ranks]
@@ -118,7 +118,7 @@ class SequenceParallelWrapper:
         return (f"only {len(workers)} GPU leased for this prompt (it is pinned to one GPU, or its pool "
                 f"has fewer than {self.gpus})")
 
-    def _note(self, workers: list, ranks: int, reason: Optional[str]) -> None:
+    def _note(self, workers: list, ranks: int, reason: Optional[str], family: str = "") -> None:
         """Once per prompt: a log line and the prompt's history field `sequence_parallel`."""
         worker = current_worker.get()
         lease = getattr(worker, "lease", None)
@@ -137,8 +137,8 @@ class SequenceParallelWrapper:
             logger.warning("[GPU %s] SequenceParallel(gpus=%d): running on one GPU: %s",
                            getattr(worker, "gpu_id", "?"), self.gpus, reason)
         elif ranks >= 2:
-            logger.info("[GPU %s] SequenceParallel: each FLUX forward on GPUs %s", getattr(worker, "gpu_id", "?"),
-                        note["gpu_ids"])
+            logger.info("[GPU %s] SequenceParallel: each %s forward on GPUs %s", getattr(worker, "gpu_id", "?"),
+                        family, note["gpu_ids"])
 
 
 def models_on(model, devices: list, workers: list) -> list:
