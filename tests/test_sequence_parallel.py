@@ -11,6 +11,17 @@ from comfy_multigpu.policy.sequence_split import fallback_reason, head_groups, t
 TOLERANCE = 1e-4
 
 
+def scaled_random_(model):
+    """Random weights in place (matrices 1/sqrt(fan in), biases 0.02, norm scales 1: attention as sharp
+    as a trained model's); the model in eval mode without gradients."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else torch.randn(p.shape) * 0.02)
+            if "norm" in name:
+                p.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="module")
 def flux(comfyui_dir):
     from helpers.comfy_import import import_comfy
@@ -21,12 +32,7 @@ def flux(comfyui_dir):
                  hidden_size=96, mlp_ratio=4.0, num_heads=6, depth=2, depth_single_blocks=2,
                  axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
                  txt_ids_dims=[], dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else torch.randn(p.shape) * 0.02)
-            if "norm" in name:
-                p.fill_(1.0)          # RMSNorm scales of q and k: attention as sharp as a trained model's
-    return model.eval().requires_grad_(False)
+    return scaled_random_(model)
 
 
 def inputs(height=10, width=6, tokens=7, seed=1):
@@ -165,6 +171,10 @@ def test_rank_copies_follow_the_weights_rank_0_runs_and_keep_nothing_of_them_ali
     assert third is not second and copies.on(source, "meta") is third
     other = torch.nn.Linear(2, 2)                                   # a second model (Wan 2.2's other expert)
     assert copies.on(other, "meta") is not third and len(copies) == 1   # one copy per device: the old one went
+    from comfy_multigpu.host.rank_copies import on_devices
+    ranks = on_devices(source, ["cpu", "meta", "cpu", "meta"])      # rank 0's device: the module itself;
+    assert ranks[0] is source and ranks[2] is source               # two ranks on one other device: one copy
+    assert ranks[1] is ranks[3] and ranks[1] is not source and ranks[1][0].weight.device.type == "meta"
 
     class Wrapped(torch.Tensor):                                    # a GGUF-style weight
         pass
@@ -299,12 +309,7 @@ def wan(flux):                                     # flux: ComfyUI already impor
     model = WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=64, ffn_dim=128, freq_dim=256,
                      text_dim=64, out_dim=16, num_heads=4, num_layers=3, qk_norm=True, cross_attn_norm=True,
                      eps=1e-6, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else torch.randn(p.shape) * 0.02)
-            if "norm" in name:
-                p.fill_(1.0)
-    return model.eval().requires_grad_(False)
+    return scaled_random_(model)
 
 
 def wan_inputs(frames=2, height=10, width=6, tokens=7, seed=2):
@@ -345,12 +350,7 @@ def test_wan_image_to_video_on_n_ranks_gives_the_output_of_one(wan, n, shape, cl
                      text_dim=64, out_dim=16, num_heads=4, num_layers=2, qk_norm=True, cross_attn_norm=True, eps=1e-6,
                      flf_pos_embed_token_number=clip if clip != 257 else None, dtype=torch.float32,
                      operations=comfy.ops.disable_weight_init)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else torch.randn(p.shape) * 0.02)
-            if "norm" in name:
-                p.fill_(1.0)
-    model.eval().requires_grad_(False)
+    scaled_random_(model)
     g = torch.Generator().manual_seed(4)
     frames, height, width = shape
     x = torch.randn(1, 16, frames, 2 * height, 2 * width, generator=g)

@@ -53,7 +53,7 @@ class RankCopies:
             # another model (Wan 2.2's second expert), or this one's weights changed: the old copy's
             # memory is needed first
             self._entries.pop(str(device), None)
-        copy = make_copy(source, device, _tensors(source))
+        copy = make_copy(source, device)
         with self._lock:
             self._entries[str(device)] = ([weakref.ref(p) for p in parts], copy)
         return copy
@@ -72,6 +72,32 @@ def copies_of(lease) -> RankCopies:
     if copies is None:
         copies = lease.scratch[SCRATCH_KEY] = RankCopies()
     return copies
+
+
+def on_devices(module, devices: list, workers: Optional[list] = None) -> list:
+    """`module` for each rank: the same module where the rank's device is rank 0's (CPU workers, two
+    workers on one GPU), else the calling worker's lease's copy on that device (outside a lease, a
+    copy for this call only), made in the rank's own thread (so the room for it is made among that
+    worker's models, and the copies to several GPUs are made at once), once per device."""
+    import torch
+    from ..runtime.context import current_worker
+    from ..runtime.rank_group import RankGroup, run_ranks
+    devices = [torch.device(d) for d in devices]
+    out = [module] * len(devices)
+    if all(d == devices[0] for d in devices):
+        return out
+    lease = getattr(current_worker.get(), "lease", None)
+    copies = copies_of(lease) if lease is not None else RankCopies()
+    first = {}                                    # device -> the rank that makes its copy
+    for rank, device in enumerate(devices):
+        first.setdefault(device, rank)
+
+    def place(rank: int) -> bool:
+        if devices[rank] != devices[0] and first[devices[rank]] == rank:
+            out[rank] = copies.on(module, devices[rank])
+        return True
+    run_ranks(RankGroup(devices), place, workers)
+    return [out[first[d]] for d in devices]
 
 
 def _tensors(module) -> list:
@@ -98,11 +124,11 @@ def _weakrefable(obj) -> bool:
     return True
 
 
-def make_copy(source, device, tensors: Optional[list] = None):
+def make_copy(source, device):
     """A copy of `source` on `device`, room made for it there first."""
     import torch
     from ..runtime import weight_views
-    tensors = _tensors(source) if tensors is None else tensors
+    tensors = _tensors(source)
     size = sum(t.nbytes for t in tensors if t.device != device)
     if device.type == "cuda":
         import comfy.model_management as mm

@@ -18,8 +18,7 @@ from typing import Optional
 
 from ..policy.sequence_split import MAX_RANKS, fallback_reason
 from ..runtime.context import current_worker
-from ..runtime.rank_group import RankGroup, run_ranks
-from .rank_copies import uncopyable
+from .rank_copies import on_devices, uncopyable
 from .sp_flux import flux_fallback, parallel_forward
 from .sp_wan import parallel_forward_wan, wan_fallback
 
@@ -83,7 +82,7 @@ class SequenceParallelWrapper:
             return executor(*args, **kwargs)
         workers = workers[:ranks]
         devices = [w.device for w in workers]
-        models = models_on(model, devices, workers)
+        models = on_devices(model, devices, workers)
         if family == "flux":
             out, group = parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents,
                                           control, options, first=executor, workers=workers, **extra)
@@ -139,28 +138,6 @@ class SequenceParallelWrapper:
         elif ranks >= 2:
             logger.info("[GPU %s] SequenceParallel: each %s forward on GPUs %s", getattr(worker, "gpu_id", "?"),
                         family, note["gpu_ids"])
-
-
-def models_on(model, devices: list, workers: list) -> list:
-    """`model` for each rank: the same module where the rank's device is rank 0's (CPU workers, two
-    workers on one GPU), else the lease's copy on that device (host/rank_copies.py), made in the
-    rank's own thread (so the room for it is made among that worker's models, and the copies to
-    several GPUs are made at once)."""
-    out = [model] * len(devices)
-    if all(d == devices[0] for d in devices):
-        return out
-    from .rank_copies import copies_of
-    copies = copies_of(current_worker.get().lease)
-    first = {}                                    # device -> the rank that makes its copy (two workers, one GPU)
-    for rank, device in enumerate(devices):
-        first.setdefault(str(device), rank)
-
-    def place(rank: int) -> bool:
-        if devices[rank] != devices[0] and first[str(devices[rank])] == rank:
-            out[rank] = copies.on(model, devices[rank])
-        return True
-    run_ranks(RankGroup(devices), place, workers)
-    return [out[first[str(d)]] for d in devices]
 
 
 FLUX_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 
 from ..runtime.context import current_worker
 from ..runtime.rank_group import RankAborted, RankGroup, run_ranks
+from .rank_copies import on_devices
 from .sp_nodes import leased_workers
 
 logger = logging.getLogger("comfy_multigpu")
@@ -102,41 +103,27 @@ def spread_decode_tiled(decode_tiled, vae, samples, devices: Sequence[Any], work
     stand_in.first_stage_model = tiles
     decode_tiled(stand_in, samples, **tile_args)                       # 1. record (loads the VAE on rank 0)
     group = RankGroup(devices)
-    model = vae.first_stage_model
-    copies = _copies(devices)
+    if decoders is None:
+        decoders = on_devices(vae.first_stage_model, group.devices, workers)
     per_rank = [0] * group.size
     outputs: list = [None] * len(tiles.inputs)
 
     def work(rank: int) -> list:                                       # 2. decode, tile i on rank i % N
         import comfy.model_management
         device = group.devices[rank]
-        decoder = decoders[rank] if decoders is not None else \
-            model if device == group.devices[0] else copies.on(model, device)
         with torch.inference_mode():
             for index in range(rank, len(outputs), group.size):
                 if group.aborted:
                     raise RankAborted("another GPU of this VAE decode failed")
                 if rank == 0:
                     comfy.model_management.throw_exception_if_processing_interrupted()
-                outputs[index] = decoder.decode(tiles.inputs[index].to(device)).to(vae.output_device)
+                outputs[index] = decoders[rank].decode(tiles.inputs[index].to(device)).to(vae.output_device)
                 per_rank[rank] += 1
         return per_rank
     run_ranks(group, work, workers)
     tiles.outputs = outputs
     images = decode_tiled(stand_in, samples, **tile_args)              # 3. replay: the host places them
     return images, DecodeResult(per_rank, tiles.missed)
-
-
-def _copies(devices: Sequence[Any]):
-    """Where rank r's decoder copy comes from when its device is not rank 0's: the lease's copies
-    (host/rank_copies.py: made in the rank's thread, room made for it, dropped when the prompt ends),
-    or, outside a lease (direct calls), copies kept for this decode only."""
-    import torch
-    from .rank_copies import RankCopies, copies_of
-    if all(torch.device(d) == torch.device(devices[0]) for d in devices):
-        return None
-    lease = getattr(current_worker.get(), "lease", None)
-    return copies_of(lease) if lease is not None else RankCopies()
 
 
 def why_one_gpu(vae, samples, workers: list) -> Optional[str]:

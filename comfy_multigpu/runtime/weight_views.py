@@ -181,11 +181,10 @@ def register_shared(obj: Any) -> None:
         _SHARED_SOURCES[module] = sources
 
 
-def forget_shared(obj: Any) -> None:
-    """`obj`'s modules no longer point back at the tensors they were viewed from (a copy moved to
+def forget_shared(obj) -> None:
+    """The torch module `obj`'s modules no longer point back at the tensors they were viewed from (a copy moved to
     another device, which nothing offloads: the back references would only keep those alive)."""
-    import torch
-    for module in (m for root in ([obj] if isinstance(obj, torch.nn.Module) else []) for m in root.modules()):
+    for module in obj.modules():
         _SHARED_SOURCES.pop(module, None)
 
 
