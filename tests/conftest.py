@@ -51,7 +51,8 @@ def fixtures_dir(comfyui_dir) -> Path:
     script = REPO / "tests" / "fixtures" / "make_tiny_checkpoint.py"
     key = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
     out = cache_dir() / "fixtures" / key
-    made = ("tiny-sd15.safetensors", "tiny-flux-dev.safetensors", "tiny-wan21-t2v-flux.safetensors")
+    made = ("tiny-sd15.safetensors", "tiny-flux-dev.safetensors", "tiny-flux2-dev.safetensors",
+            "tiny-wan21-t2v-flux.safetensors")
     if not all((out / name).exists() for name in made):
         subprocess.run([sys.executable, str(script), str(comfyui_dir), str(out)], check=True,
                        stdout=subprocess.DEVNULL)

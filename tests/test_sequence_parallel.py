@@ -1,8 +1,9 @@
-"""Sequence-parallel FLUX (host/sp_flux.py, issue 17), in-process on the CPU: ComfyUI's own Flux class
-(small width, its real block code and attention) run as 2, 3 and 4 ranks in threads gives the output
-of one rank to 1e-4 (fp32), uneven token and head splits included; deliberately broken variants
-(attention over local tokens only; position ids not split) fail the same check, so it can fail; a
-rank that raises aborts every rank instead of hanging; the fallback reasons are pure and exact."""
+"""Sequence-parallel FLUX.1, FLUX.2, Qwen-Image and Wan (host/sp_*.py, issue 17), in-process on the CPU: the
+host's own model classes (small width, their real block code and attention) run as 2, 3 and 4 ranks in
+threads give the output of one rank to 1e-4 (fp32), uneven token and head splits included; deliberately
+broken variants (attention over local tokens only; position ids not split) fail the same check, so it
+can fail; a rank that raises aborts every rank instead of hanging; the fallback reasons are pure and
+exact. Through the HTTP API on 4 CPU workers: generated FLUX.1, FLUX.2 and Wan checkpoints."""
 import pytest
 import torch
 
@@ -393,6 +394,159 @@ def test_a_wan_video_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
         assert max_rel_error(got, expected) < TOLERANCE, n
         assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None
     assert "SequenceParallel: each Wan forward on GPUs" in multi4.log()
+
+
+# ---- FLUX.2 and reference latents (the same Flux class), Qwen-Image (host/sp_qwen.py) ------------------
+
+@pytest.fixture(scope="module")
+def flux2(flux):                                   # flux: ComfyUI already importable
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    torch.manual_seed(0)
+    model = Flux(image_model="flux2", in_channels=32, out_channels=32, vec_in_dim=None, context_in_dim=64,
+                 hidden_size=96, mlp_ratio=3.0, num_heads=6, depth=2, depth_single_blocks=2, axes_dim=[4, 4, 4, 4],
+                 theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True,
+                 mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                 txt_ids_dims=[3], dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    return scaled_random_(model)
+
+
+@pytest.fixture(scope="module")
+def qwen(flux):
+    import comfy.ops
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=3,
+                                        attention_head_dim=16, num_attention_heads=6, joint_attention_dim=48,
+                                        axes_dims_rope=(4, 6, 6), dtype=torch.float32,
+                                        operations=comfy.ops.disable_weight_init)
+    return scaled_random_(model)
+
+
+def flux_with_reference(model, channels, n, reference: bool, seed=3):
+    """(one rank's output, n ranks') of a Flux-class model with 5 x 3 image tokens (patch 1) or 5 x 3
+    (patch 2 over 10 x 6), 7 text tokens and, with `reference`, an edit's reference latent (4 x 3 tokens
+    more, split with the image's)."""
+    from comfy_multigpu.host.sp_flux import parallel_forward
+    g = torch.Generator().manual_seed(seed)
+    scale = model.patch_size
+    x = torch.randn(1, channels, 5 * scale, 3 * scale, generator=g)
+    context = torch.randn(1, 7, 64, generator=g)
+    y = torch.randn(1, 32, generator=g) if model.params.vec_in_dim else None
+    refs = [torch.randn(1, channels, 4 * scale, 3 * scale, generator=g)] if reference else None
+    t, guidance = torch.tensor([0.7]), torch.tensor([3.5])
+    with torch.no_grad():
+        one = model._forward(x, t, context, y, guidance, refs, transformer_options={})
+        return one, parallel_forward([model] * n, ["cpu"] * n, x, t, context, y, guidance, refs,
+                                     transformer_options={})[0]
+
+
+@pytest.mark.parametrize("n, reference", [(2, False), (3, True), (4, False), (4, True)])
+def test_flux2_and_reference_latents_on_n_ranks_give_the_output_of_one(flux, flux2, n, reference):
+    # FLUX.2 (global modulation, text position ids, 6 heads: uneven over 4); its edit references ("index")
+    # and FLUX.1 Kontext's ("offset") are image tokens like the others, split with them
+    expected, got = flux_with_reference(flux2, 32, n, reference)
+    assert got.shape == expected.shape and max_rel_error(got, expected) < TOLERANCE
+    if reference:
+        expected, got = flux_with_reference(flux, 16, n, reference)
+        assert max_rel_error(got, expected) < TOLERANCE
+
+
+def qwen_inputs(reference=False, frames=1, tokens=7, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(1, 16, frames, 10, 6, generator=g), timestep=torch.tensor([0.7]),
+                context=torch.randn(1, tokens, 48, generator=g),
+                ref_latents=[torch.randn(1, 16, 1, 6, 6, generator=g)] if reference else None)
+
+
+def qwen_one_and_ranks(model, args, n, **kwargs):
+    from comfy_multigpu.host.sp_qwen import parallel_forward_qwen
+    with torch.no_grad():
+        one = model._forward(args["x"], args["timestep"], args["context"], None, args["ref_latents"],
+                             transformer_options={}, **kwargs)
+        return one, parallel_forward_qwen([model] * n, ["cpu"] * n, args["x"], args["timestep"], args["context"],
+                                          None, args["ref_latents"], transformer_options={}, **kwargs)[0]
+
+
+@pytest.mark.parametrize("n, variant", [(2, "image"), (3, "edit"), (4, "image"), (4, "edit"), (3, "layered")])
+def test_qwen_image_on_n_ranks_gives_the_output_of_one(qwen, n, variant):
+    # 5 x 3 = 15 image tokens (+ 9 of an edit's reference) and 7 text tokens: uneven over 2, 3 and 4;
+    # 6 heads; Layered: 2 layers as frames and its reference at a negative index
+    args = qwen_inputs(reference=variant != "image", frames=2 if variant == "layered" else 1)
+    kwargs = {"ref_latents_method": "negative_index"} if variant == "layered" else {}
+    expected, got = qwen_one_and_ranks(qwen, args, n, **kwargs)
+    assert got.shape == expected.shape and max_rel_error(got, expected) < TOLERANCE
+
+
+def test_qwen_image_with_local_only_attention_fails_the_check(qwen, monkeypatch):
+    from comfy_multigpu.host import sp_flux
+
+    def local_only(self, func, q, k, v, heads, *args, **kwargs):
+        return func(q, k, v, heads, *args, **kwargs)
+    monkeypatch.setattr(sp_flux._Rank, "attention", local_only)
+    expected, got = qwen_one_and_ranks(qwen, qwen_inputs(), 2)
+    assert max_rel_error(got, expected) > 100 * TOLERANCE
+
+
+def test_qwen_image_fallbacks(qwen):
+    from comfy_multigpu.host.sp_qwen import qwen_fallback
+    args = qwen_inputs(reference=True)
+
+    def why(n=2, options=None, **kwargs):
+        return qwen_fallback(qwen, args["x"], args["context"], options or {}, n, **kwargs)
+    assert why() is None and why(ref_latents=args["ref_latents"]) is None
+    assert "6 attention heads, fewer than 7" in why(7)
+    assert "attention mask" in why(attention_mask=torch.ones(1, 7))
+    assert "ControlNet" in why(control={"input": []})
+    assert "index_timestep_zero" in why(ref_latents=args["ref_latents"], ref_latents_method="index_timestep_zero")
+    assert "another patch" in why(options={"patches": {"double_block": [print]}})
+    assert "another patch" in why(options={"patches_replace": {"dit": {("double_block", 0): print}}})
+    assert "another attention override" in why(options={"optimized_attention_override": print})
+
+
+def test_the_node_runs_each_family_on_the_leased_gpus_and_names_it(flux2, qwen):
+    """The SequenceParallel wrapper as a sampler calls it (the executor: the model's own forward) for
+    FLUX.2 and Qwen-Image: the one-rank output, the lease's GPUs in the history note."""
+    from comfy_multigpu.host.sp_nodes import SequenceParallelWrapper, model_family
+    from comfy_multigpu.runtime.context import current_worker
+    g = torch.Generator().manual_seed(5)
+    cases = {"FLUX": (flux2, (torch.randn(1, 32, 5, 3, generator=g), torch.tensor([0.7]),
+                              torch.randn(1, 7, 64, generator=g), None, torch.tensor([3.5]))),
+             "Qwen-Image": (qwen, (qwen_inputs()["x"], torch.tensor([0.7]), qwen_inputs()["context"]))}
+    for family, (model, args) in cases.items():
+        assert model_family(model)[0] == family
+
+        class Executor:
+            class_obj = model
+
+            def __call__(self, *a, **k):
+                return model._forward(*a, **k)
+        worker, lease = leased([2, 0, 3])
+        token = current_worker.set(worker)
+        try:
+            with torch.no_grad():
+                expected = model._forward(*args, transformer_options={})
+                got = SequenceParallelWrapper(3)(Executor(), *args, transformer_options={})
+        finally:
+            current_worker.reset(token)
+        assert max_rel_error(got, expected) < TOLERANCE, family
+        note = lease.notes["sequence_parallel"]
+        assert note["gpu_ids"] == [2, 0, 3] and note["fallback"] is None and note["forwards"] == 1, family
+    assert model_family(torch.nn.Linear(2, 2)) == (None, None)
+
+
+def test_a_flux2_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
+    """A generated FLUX.2 checkpoint (the host detects it as Flux2 with no missing or unexpected keys)
+    through the API: the host pads its text to 512 tokens; 5 x 3 image tokens."""
+    from helpers import workflows as wf
+    expected, single = latent_of(multi4, wf.flux2(1))
+    assert single["outputs"]["9"]["shape"] == [1, 128, 3, 5]
+    for n in (2, 3):
+        got, entry = latent_of(multi4, wf.flux2(n))
+        assert max_rel_error(got, expected) < TOLERANCE, n
+        assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None
+    log = multi4.log()
+    assert "unet missing" not in log and "unet unexpected" not in log
 
 
 def test_sequence_parallel_and_single_prompts_together_all_finish_with_the_lease_visible(multi4):

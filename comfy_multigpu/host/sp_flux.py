@@ -97,13 +97,15 @@ class _Rank:
         images = self.group.all_gather(self.rank, seq[:, txt_len:])
         return {"img": torch.cat([seq[:, :txt_len]] + images, dim=1)}
 
-    def options(self, transformer_options: dict, last_single: int) -> dict:
+    def options(self, transformer_options: dict, last_block: tuple) -> dict:
+        """A copy of `transformer_options` with this rank's hooks: the split, the exchange around every
+        attention, and the gather replacing `last_block` (a patches_replace["dit"] key)."""
         opts = dict(transformer_options)
         patches = {k: list(v) for k, v in opts.get("patches", {}).items()}
         patches["post_input"] = patches.get("post_input", []) + [self.split]
         opts["patches"] = patches
         replace = {k: dict(v) for k, v in opts.get("patches_replace", {}).items()}
-        replace.setdefault("dit", {})[("single_block", last_single)] = self.gather_after_last_block
+        replace.setdefault("dit", {})[last_block] = self.gather_after_last_block
         opts["patches_replace"] = replace
         opts["optimized_attention_override"] = self.attention
         opts["sequence_parallel"] = {"rank": self.rank, "ranks": self.group.size}
@@ -117,7 +119,7 @@ def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep,
     if given, runs rank 0 instead of models[0]._forward (the rest of a wrapper chain); `workers[r]`,
     if given, is the GPU worker rank r runs for (its thread sees that worker's device). Returns (rank
     0's output on rank 0's device, the RankGroup, which counted the exchanges)."""
-    last_single = len(models[0].single_blocks) - 1
+    last_single = ("single_block", len(models[0].single_blocks) - 1)
     return run_forward(models, devices, (x, timestep, context, y, guidance, ref_latents, None), kwargs,
                        lambda group, rank: _Rank(group, rank).options(transformer_options or {}, last_single),
                        first=first, workers=workers)

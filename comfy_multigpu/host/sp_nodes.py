@@ -1,6 +1,6 @@
-"""The SequenceParallel node (issue 17): a model patch that runs each FLUX or Wan denoiser forward on the
-GPUs the prompt leased (host/sp_flux.py, host/sp_wan.py), or on one GPU with the reason logged and kept
-in history.
+"""The SequenceParallel node (issue 17): a model patch that runs each FLUX, Qwen-Image or Wan denoiser
+forward on the GPUs the prompt leased (host/sp_flux.py, sp_qwen.py, sp_wan.py), or on one GPU with the
+reason logged and kept in history.
 
 A prompt holding this node asks the scheduler for `gpus` workers at once (QueuedPrompt.gang, read from
 the graph by policy/sequence_split.requested_ranks); its rank 0 runs the executor, the others lend their
@@ -8,8 +8,8 @@ devices. It works with the stock loaders and samplers (KSampler, SamplerCustomAd
 DIFFUSION_MODEL wrapper on a clone of the model, ComfyUI's own extension point.
 
 Host objects touched: comfy.model_patcher.ModelPatcher (clone, add_wrapper_with_key),
-comfy.patcher_extension.WrappersMP, comfy.ldm.flux.model.Flux (type check), nodes' registry (through
-the custom node's NODE_CLASS_MAPPINGS).
+comfy.patcher_extension.WrappersMP, the Flux, QwenImageTransformer2DModel and WanModel classes (type
+checks), nodes' registry (through the custom node's NODE_CLASS_MAPPINGS).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..policy.sequence_split import MAX_RANKS, fallback_reason
 from ..runtime.context import current_worker
 from .rank_copies import on_devices, uncopyable
 from .sp_flux import flux_fallback, parallel_forward
+from .sp_qwen import parallel_forward_qwen, qwen_fallback
 from .sp_wan import parallel_forward_wan, wan_fallback
 
 logger = logging.getLogger("comfy_multigpu")
@@ -46,49 +47,30 @@ class SequenceParallelWrapper:
         self.auto = auto                  # on the GPUs that were free; as many as the model allows
 
     def __call__(self, executor, *args, **kwargs):
-        from comfy.ldm.flux.model import Flux
-        from comfy.ldm.wan.model import WanModel
         model = executor.class_obj
         workers = self._leased_workers()
         ranks = min(self.gpus, len(workers))
-        family = "flux" if isinstance(model, Flux) else "wan" if isinstance(model, WanModel) else None
-        extra = dict(kwargs)
-        if family == "flux":
-            x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra, FLUX_ARGS)
-
-            def why(n):
-                return flux_fallback(model, x, context, options, n, control=control, ref_latents=ref_latents,
-                                     **extra)
-        elif family == "wan":
-            x, timestep, context, clip_fea, time_dim_concat, options = _positional(args, extra, WAN_ARGS)
-
-            def why(n):
-                return wan_fallback(model, x, timestep, context, options, n, time_dim_concat=time_dim_concat,
-                                    **extra)
+        family, adapter = model_family(model)
         if family is None:
-            reason = f"{type(model).__name__} is not a supported model (FLUX.1, Wan 2.x)"
-        elif ranks < 2:
-            reason = self._why_one(workers)
+            reason = f"{type(model).__name__} is not a supported model (FLUX.1, FLUX.2, Qwen-Image, Wan 2.x)"
         else:
-            reason = why(ranks)
-            if reason is not None and self.auto:       # auto: as many as the model's heads and tokens allow
-                fits = next((n for n in range(ranks - 1, 1, -1) if why(n) is None), None)
-                if fits is not None:
-                    ranks, reason = fits, None
-            if reason is None and any(w.device != workers[0].device for w in workers[1:ranks]):
-                reason = uncopyable(model)
-        self._note(workers, ranks, reason, {"flux": "FLUX", "wan": "Wan"}.get(family, ""))
+            why, run = adapter(model, args, dict(kwargs))
+            if ranks < 2:
+                reason = self._why_one(workers)
+            else:
+                reason = why(ranks)
+                if reason is not None and self.auto:     # auto: as many as the model's heads and tokens allow
+                    fits = next((n for n in range(ranks - 1, 1, -1) if why(n) is None), None)
+                    if fits is not None:
+                        ranks, reason = fits, None
+                if reason is None and any(w.device != workers[0].device for w in workers[1:ranks]):
+                    reason = uncopyable(model)
+        self._note(workers, ranks, reason, family or "")
         if reason is not None or self.gpus < 2:
             return executor(*args, **kwargs)
         workers = workers[:ranks]
         devices = [w.device for w in workers]
-        models = on_devices(model, devices, workers)
-        if family == "flux":
-            out, group = parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents,
-                                          control, options, first=executor, workers=workers, **extra)
-        else:
-            out, group = parallel_forward_wan(models, devices, x, timestep, context, clip_fea, time_dim_concat,
-                                              options, first=executor, workers=workers, **extra)
+        out, group = run(on_devices(model, devices, workers), devices, executor, workers)
         self._count(group)
         return out
 
@@ -142,6 +124,60 @@ class SequenceParallelWrapper:
 
 FLUX_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
 WAN_ARGS = ("x", "timestep", "context", "clip_fea", "time_dim_concat", "transformer_options")
+QWEN_ARGS = ("x", "timestep", "context", "attention_mask", "ref_latents", "additional_t_cond", "transformer_options")
+
+
+def _flux(model, args: tuple, extra: dict):
+    """comfy.ldm.flux.model.Flux (FLUX.1, FLUX.2 and the other models built on it): (why(n): the reason
+    this forward cannot run on n ranks or None, run(models, devices, first, workers))."""
+    x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra, FLUX_ARGS)
+
+    def why(n):
+        return flux_fallback(model, x, context, options, n, control=control, ref_latents=ref_latents, **extra)
+
+    def run(models, devices, first, workers):
+        return parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents, control, options,
+                                first=first, workers=workers, **extra)
+    return why, run
+
+
+def _wan(model, args: tuple, extra: dict):
+    """comfy.ldm.wan.model.WanModel and its variants (those but text and image to video fall back)."""
+    x, timestep, context, clip_fea, time_dim_concat, options = _positional(args, extra, WAN_ARGS)
+
+    def why(n):
+        return wan_fallback(model, x, timestep, context, options, n, time_dim_concat=time_dim_concat, **extra)
+
+    def run(models, devices, first, workers):
+        return parallel_forward_wan(models, devices, x, timestep, context, clip_fea, time_dim_concat, options,
+                                    first=first, workers=workers, **extra)
+    return why, run
+
+
+def _qwen(model, args: tuple, extra: dict):
+    """comfy.ldm.qwen_image.model.QwenImageTransformer2DModel (Qwen-Image, -Edit, -Layered)."""
+    x, timestep, context, attention_mask, ref_latents, t_cond, options = _positional(args, extra, QWEN_ARGS)
+
+    def why(n):
+        return qwen_fallback(model, x, context, options, n, attention_mask=attention_mask, ref_latents=ref_latents,
+                             **extra)
+
+    def run(models, devices, first, workers):
+        return parallel_forward_qwen(models, devices, x, timestep, context, attention_mask, ref_latents, t_cond,
+                                     options, first=first, workers=workers, **extra)
+    return why, run
+
+
+def model_family(model) -> tuple:
+    """(the family's name, its adapter) of a diffusion model the engine splits; (None, None) otherwise."""
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+    from comfy.ldm.wan.model import WanModel
+    for cls, name, adapter in ((Flux, "FLUX", _flux), (WanModel, "Wan", _wan),
+                               (QwenImageTransformer2DModel, "Qwen-Image", _qwen)):
+        if isinstance(model, cls):
+            return name, adapter
+    return None, None
 
 
 def _positional(args: tuple, kwargs: dict, names: tuple) -> tuple:
@@ -154,11 +190,12 @@ def _positional(args: tuple, kwargs: dict, names: tuple) -> tuple:
 
 
 class SequenceParallel:
-    """MODEL -> MODEL: each denoiser forward runs on `gpus` GPUs at once (FLUX.1, Wan 2.x; others on one)."""
+    """MODEL -> MODEL: each denoiser forward runs on `gpus` GPUs at once (FLUX.1, FLUX.2, Qwen-Image, Wan 2.x;
+    others on one)."""
     CATEGORY = "advanced/model"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
-    DESCRIPTION = ("Runs each FLUX or Wan denoiser step on several GPUs at once (sequence parallelism): the prompt "
+    DESCRIPTION = ("Runs each FLUX, Qwen-Image or Wan denoiser step on several GPUs at once (sequence parallelism): the prompt "
                    "waits until that many GPUs of its pool are free. Falls back to one GPU, with the reason "
                    "in the log and in the prompt's history, when the model or the patches do not allow it.")
 

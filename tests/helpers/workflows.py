@@ -83,6 +83,18 @@ def flux(gpus: int, seed: int = 1, width: int = 64, height: int = 40, tokens: in
             "9": {"class_type": "MGLatentValues", "inputs": {"samples": ["5", 0]}}}
 
 
+FLUX2 = "tiny-flux2-dev.safetensors"
+
+
+def flux2(gpus: int, seed: int = 1, width: int = 80, height: int = 48, steps: int = 2) -> dict:
+    """The tiny FLUX.2 model (its text padded to 512 tokens by the host), SequenceParallel(gpus), a
+    FLUX.2 latent (128 channels, 1/16 of the size: 5 x 3 tokens), the latent's values (node "9")."""
+    prompt = flux(gpus, seed=seed, steps=steps)
+    prompt["1"]["inputs"]["unet_name"] = FLUX2
+    prompt["4"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}
+    return prompt
+
+
 WAN = "tiny-wan21-t2v-flux.safetensors"
 
 
