@@ -206,7 +206,6 @@ def test_token_and_head_splits():
     ({"tokens": 1}, "1 image tokens cannot be split over 2 GPUs"),
     ({"text_tokens": 1}, "1 text tokens cannot be split over 2 GPUs"),
     ({"attention_mask": True}, "attention mask"),
-    ({"control": True}, "ControlNet"),
     ({"timestep_zero": True}, "index_timestep_zero"),
     ({"foreign_override": True}, "another attention override"),
     ({"foreign_last_block": True}, "replaces the last single block"),
@@ -452,6 +451,55 @@ def test_flux2_and_reference_latents_on_n_ranks_give_the_output_of_one(flux, flu
         assert max_rel_error(got, expected) < TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def controlnet(flux):
+    """The host's FLUX ControlNet (ControlNetFlux, latent input) at the tiny FLUX's width, 2 + 2 blocks:
+    its additions repeat each block's tensor over the main model's 19 + 38 blocks."""
+    import comfy.ops
+    from comfy.ldm.flux.controlnet import ControlNetFlux
+    torch.manual_seed(1)
+    model = ControlNetFlux(latent_input=True, image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32,
+                           context_in_dim=64, hidden_size=96, mlp_ratio=4.0, num_heads=6, depth=2,
+                           depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True,
+                           guidance_embed=True, txt_ids_dims=[], dtype=torch.float32,
+                           operations=comfy.ops.disable_weight_init)
+    return scaled_random_(model)
+
+
+@pytest.mark.parametrize("n, reference", [(2, False), (3, True), (4, False)])
+def test_a_controlnet_runs_on_n_ranks_with_its_additions_cut_per_rank(flux, controlnet, n, reference):
+    """The additions of a ControlNet cover the image tokens (not a reference's): each rank adds its
+    share, the gathering block the whole; the result is one rank's, and the control changed it."""
+    from comfy_multigpu.host.sp_flux import parallel_forward
+    args = inputs()
+    g = torch.Generator().manual_seed(9)
+    refs = [torch.randn(1, 16, 8, 6, generator=g)] if reference else None
+    with torch.no_grad():
+        control = controlnet(args["x"], args["timestep"], args["context"], args["y"], args["guidance"],
+                             hint=torch.randn(args["x"].shape, generator=g))
+        call = (args["x"], args["timestep"], args["context"], args["y"], args["guidance"], refs)
+        plain = flux._forward(*call, None, {})
+        expected = flux._forward(*call, control, {})
+        got = parallel_forward([flux] * n, ["cpu"] * n, *call, control, transformer_options={})[0]
+    assert max_rel_error(plain, expected) > 0.1                     # the control matters
+    assert max_rel_error(got, expected) < TOLERANCE
+
+
+def test_a_control_cut_at_the_gathering_block_too_fails_the_check(flux, controlnet, monkeypatch):
+    from comfy_multigpu.host import sp_flux
+    from comfy_multigpu.host.sp_flux import parallel_forward
+    control_of = sp_flux._Rank.control
+    monkeypatch.setattr(sp_flux._Rank, "control", lambda self, control, whole: control_of(self, control, None))
+    args = inputs()
+    with torch.no_grad():
+        control = controlnet(args["x"], args["timestep"], args["context"], args["y"], args["guidance"],
+                             hint=torch.randn(args["x"].shape, generator=torch.Generator().manual_seed(9)))
+        call = (args["x"], args["timestep"], args["context"], args["y"], args["guidance"], None, control)
+        expected = flux._forward(*call, {})
+        got = parallel_forward([flux] * 2, ["cpu"] * 2, *call, transformer_options={})[0]
+    assert max_rel_error(got, expected) > 100 * TOLERANCE
+
+
 def qwen_inputs(reference=False, frames=1, tokens=7, seed=4):
     g = torch.Generator().manual_seed(seed)
     return dict(x=torch.randn(1, 16, frames, 10, 6, generator=g), timestep=torch.tensor([0.7]),
@@ -468,12 +516,17 @@ def qwen_one_and_ranks(model, args, n, **kwargs):
                                           None, args["ref_latents"], transformer_options={}, **kwargs)[0]
 
 
-@pytest.mark.parametrize("n, variant", [(2, "image"), (3, "edit"), (4, "image"), (4, "edit"), (3, "layered")])
+@pytest.mark.parametrize("n, variant", [(2, "image"), (3, "edit"), (4, "image"), (4, "edit"), (3, "layered"),
+                                        (3, "control"), (2, "edit+control")])
 def test_qwen_image_on_n_ranks_gives_the_output_of_one(qwen, n, variant):
     # 5 x 3 = 15 image tokens (+ 9 of an edit's reference) and 7 text tokens: uneven over 2, 3 and 4;
-    # 6 heads; Layered: 2 layers as frames and its reference at a negative index
-    args = qwen_inputs(reference=variant != "image", frames=2 if variant == "layered" else 1)
+    # 6 heads; Layered: 2 layers as frames and its reference at a negative index; a ControlNet's
+    # additions (one per block, over the image tokens) cut per rank, the last block's whole
+    args = qwen_inputs(reference="edit" in variant or variant == "layered", frames=2 if variant == "layered" else 1)
     kwargs = {"ref_latents_method": "negative_index"} if variant == "layered" else {}
+    if "control" in variant:
+        g = torch.Generator().manual_seed(6)
+        kwargs["control"] = {"input": [torch.randn(1, 15, 96, generator=g) for _ in qwen.transformer_blocks]}
     expected, got = qwen_one_and_ranks(qwen, args, n, **kwargs)
     assert got.shape == expected.shape and max_rel_error(got, expected) < TOLERANCE
 
@@ -497,7 +550,7 @@ def test_qwen_image_fallbacks(qwen):
     assert why() is None and why(ref_latents=args["ref_latents"]) is None
     assert "6 attention heads, fewer than 7" in why(7)
     assert "attention mask" in why(attention_mask=torch.ones(1, 7))
-    assert "ControlNet" in why(control={"input": []})
+    assert why(control={"input": []}) is None                   # a ControlNet's additions are cut per rank
     assert "index_timestep_zero" in why(ref_latents=args["ref_latents"], ref_latents_method="index_timestep_zero")
     assert "another patch" in why(options={"patches": {"double_block": [print]}})
     assert "another patch" in why(options={"patches_replace": {"dit": {("double_block", 0): print}}})

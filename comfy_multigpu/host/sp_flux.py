@@ -28,7 +28,7 @@ from ..runtime.rank_group import RankGroup, run_ranks
 logger = logging.getLogger("comfy_multigpu")
 
 
-def flux_fallback(model, x, context, transformer_options: dict, ranks: int, control=None, ref_latents=None,
+def flux_fallback(model, x, context, transformer_options: dict, ranks: int, ref_latents=None,
                   **kwargs) -> Optional[str]:
     """Why this forward of `model` (a comfy.ldm.flux.model.Flux) cannot be split over `ranks`."""
     patch = model.patch_size
@@ -37,7 +37,7 @@ def flux_fallback(model, x, context, transformer_options: dict, ranks: int, cont
     replaced = transformer_options.get("patches_replace", {}).get("dit", {})
     return fallback_reason(
         ranks=ranks, heads=model.num_heads, tokens=img_tokens, text_tokens=context.shape[1],
-        attention_mask=kwargs.get("attention_mask") is not None, control=control is not None,
+        attention_mask=kwargs.get("attention_mask") is not None,
         timestep_zero=bool(ref_latents) and method == "index_timestep_zero",
         foreign_override="optimized_attention_override" in transformer_options,
         foreign_last_block=("single_block", len(model.single_blocks) - 1) in replaced,
@@ -111,6 +111,44 @@ class _Rank:
         opts["sequence_parallel"] = {"rank": self.rank, "ranks": self.group.size}
         return opts
 
+    def control(self, control: Optional[dict], whole: tuple) -> Optional[dict]:
+        """A ControlNet's additions (`{"input": [one per double block], "output": [one per single block]}`,
+        each (B, image tokens, hidden) or None) as this rank's blocks read them. A block adds a tensor at
+        the start of the rank's own image tokens, so each comes cut to the rank's share of the image
+        tokens (empty where the control is shorter: reference tokens get none) and on the rank's device;
+        the block at `whole` ((key, index): the one that gathers the image) adds to every image token and
+        gets it whole. Cut when a block asks (the split has set the ranges by then), once per tensor."""
+        if control is None:
+            return None
+        home, device = self.group.devices[0], self.group.devices[self.rank]
+        made = {}
+
+        def cut(key: str):
+            def one(add, index: int):
+                if add is None:
+                    return None
+                full = (key, index) == whole
+                if (id(add), full) not in made:
+                    a, b = self.ranges[self.rank].img
+                    made[id(add), full] = _move(add if full else add[:, a:b], home, device)
+                return made[id(add), full]
+            return one
+        return {key: _Additions(value, cut(key)) if key in ("input", "output") and value is not None
+                else _move(value, home, device) for key, value in control.items()}
+
+
+class _Additions:
+    """A read-only list whose items come through `cut(item, index)` as they are read."""
+
+    def __init__(self, items, cut: Callable):
+        self._items, self._cut = items, cut
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int):
+        return self._cut(self._items[index], index)
+
 
 def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep, context, y=None,
                      guidance=None, ref_latents=None, control=None, transformer_options: Optional[dict] = None,
@@ -119,25 +157,31 @@ def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep,
     if given, runs rank 0 instead of models[0]._forward (the rest of a wrapper chain); `workers[r]`,
     if given, is the GPU worker rank r runs for (its thread sees that worker's device). Returns (rank
     0's output on rank 0's device, the RankGroup, which counted the exchanges)."""
-    last_single = ("single_block", len(models[0].single_blocks) - 1)
-    return run_forward(models, devices, (x, timestep, context, y, guidance, ref_latents, None), kwargs,
-                       lambda group, rank: _Rank(group, rank).options(transformer_options or {}, last_single),
+    last = len(models[0].single_blocks) - 1
+
+    def hooks(group: RankGroup, rank: int):
+        mine = _Rank(group, rank)
+        return (mine.options(transformer_options or {}, ("single_block", last)),
+                {6: mine.control(control, ("output", last))})
+    return run_forward(models, devices, (x, timestep, context, y, guidance, ref_latents, control), kwargs, hooks,
                        first=first, workers=workers)
 
 
 def run_forward(models: Sequence[Any], devices: Sequence[Any], args: tuple, kwargs: dict,
-                options: Callable[[RankGroup, int], dict], first=None, workers: Optional[Sequence[Any]] = None):
-    """The rank launch of every model family: on rank r, models[r]._forward(*args, options(group, r),
-    **kwargs) with its tensors (and lists of them) on devices[r] (rank 0: `first` instead, if given).
-    Returns (rank 0's output, the RankGroup)."""
+                hooks: Callable[[RankGroup, int], tuple], first=None, workers: Optional[Sequence[Any]] = None):
+    """The rank launch of every model family: on rank r, with (options, own) = hooks(group, r),
+    models[r]._forward(*args, options, **kwargs) with its tensors (and lists of them) on devices[r]
+    (rank 0: `first` instead, if given); `own` holds the rank's own arguments, by position (int) or name,
+    used as they are. Returns (rank 0's output, the RankGroup)."""
     group = RankGroup(devices)
 
     def work(rank: int):
         home, device = group.devices[0], group.devices[rank]
         call = first if rank == 0 and first is not None else models[rank]._forward
-        opts = {k: _move(v, home, device) for k, v in options(group, rank).items()}    # e.g. "sigmas"
-        return call(*(_move(a, home, device) for a in args), opts,
-                    **{k: _move(v, home, device) for k, v in kwargs.items()})
+        options, own = hooks(group, rank)
+        opts = {k: _move(v, home, device) for k, v in options.items()}    # e.g. "sigmas"
+        return call(*(own[i] if i in own else _move(a, home, device) for i, a in enumerate(args)), opts,
+                    **{k: own[k] if k in own else _move(v, home, device) for k, v in kwargs.items()})
     return run_ranks(group, work, workers), group
 
 

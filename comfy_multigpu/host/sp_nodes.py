@@ -133,7 +133,7 @@ def _flux(model, args: tuple, extra: dict):
     x, timestep, context, y, guidance, ref_latents, control, options = _positional(args, extra, FLUX_ARGS)
 
     def why(n):
-        return flux_fallback(model, x, context, options, n, control=control, ref_latents=ref_latents, **extra)
+        return flux_fallback(model, x, context, options, n, ref_latents=ref_latents, **extra)
 
     def run(models, devices, first, workers):
         return parallel_forward(models, devices, x, timestep, context, y, guidance, ref_latents, control, options,

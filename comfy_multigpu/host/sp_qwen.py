@@ -22,11 +22,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..policy.sequence_split import fallback_reason
+from ..runtime.rank_group import RankGroup
 from .sp_flux import _Rank, run_forward
 
 
 def qwen_fallback(model, x, context, transformer_options: dict, ranks: int, attention_mask=None, ref_latents=None,
-                  control=None, **kwargs) -> Optional[str]:
+                  **kwargs) -> Optional[str]:
     """Why this forward of `model` (a QwenImageTransformer2DModel) cannot be split over `ranks`."""
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
     if type(model) is not QwenImageTransformer2DModel:
@@ -42,7 +43,7 @@ def qwen_fallback(model, x, context, transformer_options: dict, ranks: int, atte
         return "another patch works on the blocks' tokens"
     return fallback_reason(
         ranks=ranks, heads=model.transformer_blocks[0].attn.heads, tokens=tokens, text_tokens=context.shape[1],
-        attention_mask=attention_mask is not None, control=control is not None,
+        attention_mask=attention_mask is not None,
         timestep_zero=bool(ref_latents) and method == "index_timestep_zero",
         foreign_override="optimized_attention_override" in transformer_options)
 
@@ -57,7 +58,11 @@ def parallel_forward_qwen(models: Sequence[Any], devices: Sequence[Any], x, time
                           ref_latents=None, additional_t_cond=None, transformer_options: Optional[dict] = None,
                           first=None, workers: Optional[Sequence[Any]] = None, **kwargs):
     """QwenImageTransformer2DModel._forward over len(models) ranks (see sp_flux.parallel_forward)."""
-    last = ("double_block", len(models[0].transformer_blocks) - 1)
+    last = len(models[0].transformer_blocks) - 1
+
+    def hooks(group: RankGroup, rank: int):
+        mine = _QwenRank(group, rank)
+        return (mine.options(transformer_options or {}, ("double_block", last)),
+                {"control": mine.control(kwargs.get("control"), ("input", last))})
     return run_forward(models, devices, (x, timestep, context, attention_mask, ref_latents, additional_t_cond),
-                       kwargs, lambda group, rank: _QwenRank(group, rank).options(transformer_options or {}, last),
-                       first=first, workers=workers)
+                       kwargs, hooks, first=first, workers=workers)

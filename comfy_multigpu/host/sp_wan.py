@@ -89,6 +89,6 @@ def parallel_forward_wan(models: Sequence[Any], devices: Sequence[Any], x, times
     blocks = len(models[0].blocks)
     image_tokens = clip_fea.shape[-2] if clip_fea is not None else 257
     return run_forward(models, devices, (x, timestep, context, clip_fea, time_dim_concat), kwargs,
-                       lambda group, rank: _WanRank(group, rank, blocks, image_tokens).wan_options(
-                           transformer_options or {}),
+                       lambda group, rank: (_WanRank(group, rank, blocks, image_tokens).wan_options(
+                           transformer_options or {}), {}),
                        first=first, workers=workers)

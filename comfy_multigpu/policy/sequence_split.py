@@ -146,7 +146,7 @@ def with_sequence_parallel(prompt: dict, gpus: int, auto: bool = False) -> dict:
 
 
 def fallback_reason(*, ranks: int, heads: int, tokens: int, text_tokens: int = 1 << 30, attention_mask: bool = False,
-                    control: bool = False, timestep_zero: bool = False, foreign_override: bool = False,
+                    timestep_zero: bool = False, foreign_override: bool = False,
                     foreign_last_block: bool = False, single_blocks: int = 1) -> str | None:
     """Why a forward cannot run exactly on `ranks` ranks (then it runs on one GPU), or None."""
     if ranks < 2:
@@ -159,8 +159,6 @@ def fallback_reason(*, ranks: int, heads: int, tokens: int, text_tokens: int = 1
         return f"{text_tokens} text tokens cannot be split over {ranks} GPUs"
     if attention_mask:
         return "an attention mask is set (masked attention is not split)"
-    if control:
-        return "a ControlNet adds per-token control (its tensors are not sliced per GPU yet)"
     if timestep_zero:
         return "reference latents with index_timestep_zero modulate token ranges"
     if foreign_override:
