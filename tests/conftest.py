@@ -52,7 +52,7 @@ def fixtures_dir(comfyui_dir) -> Path:
     key = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
     out = cache_dir() / "fixtures" / key
     made = ("tiny-sd15.safetensors", "tiny-flux-dev.safetensors", "tiny-flux2-dev.safetensors",
-            "tiny-wan21-t2v-flux.safetensors")
+            "tiny-wan21-t2v-flux.safetensors", "tiny-hunyuan-video-flux.safetensors")
     if not all((out / name).exists() for name in made):
         subprocess.run([sys.executable, str(script), str(comfyui_dir), str(out)], check=True,
                        stdout=subprocess.DEVNULL)

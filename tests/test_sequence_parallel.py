@@ -557,15 +557,96 @@ def test_qwen_image_fallbacks(qwen):
     assert "another attention override" in why(options={"optimized_attention_override": print})
 
 
-def test_the_node_runs_each_family_on_the_leased_gpus_and_names_it(flux2, qwen):
+@pytest.fixture(scope="module")
+def hunyuan(flux):
+    """ComfyUI's HunyuanVideo class at small width: video (patch 1 x 2 x 2) and, as HunyuanImage 2.1
+    builds it, image (patch 2 x 2)."""
+    import comfy.ops
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+    config = dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=96, mlp_ratio=4.0,
+                  num_heads=6, depth=2, depth_single_blocks=2, theta=256, qkv_bias=True, guidance_embed=True,
+                  byt5=False, meanflow=False, use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False,
+                  dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    torch.manual_seed(0)
+    return {"video": scaled_random_(HunyuanVideo(axes_dim=[4, 6, 6], patch_size=[1, 2, 2], **config)),
+            "image": scaled_random_(HunyuanVideo(axes_dim=[8, 8], patch_size=[2, 2], **config))}
+
+
+def hunyuan_inputs(kind="video", seed=7):
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, 16, 2, 10, 6) if kind == "video" else (1, 16, 10, 6)
+    return dict(x=torch.randn(shape, generator=g), timestep=torch.tensor([0.7]),
+                context=torch.randn(1, 7, 48, generator=g), y=torch.randn(1, 32, generator=g),
+                guidance=torch.tensor([6.0]), ref_latent=torch.randn(1, 16, 1, 10, 6, generator=g))
+
+
+def hunyuan_one_and_ranks(model, args, n, **kwargs):
+    from comfy_multigpu.host.sp_hunyuan import parallel_forward_hunyuan
+    call = (args["x"], args["timestep"], args["context"], args["y"], None, None, args["guidance"])
+    with torch.no_grad():
+        one = model._forward(*call, transformer_options={}, **kwargs)
+        return one, parallel_forward_hunyuan([model] * n, ["cpu"] * n, *call, transformer_options={}, **kwargs)[0]
+
+
+@pytest.mark.parametrize("n, variant", [(2, "video"), (3, "video"), (4, "video"), (3, "reference"), (2, "image"),
+                                        (4, "image"), (3, "control")])
+def test_hunyuan_video_on_n_ranks_gives_the_output_of_one(hunyuan, n, variant):
+    # 2 x 5 x 3 = 30 video tokens (+ 15 of a reference latent, prepended) or 15 image tokens, 7 text
+    # tokens, 6 heads: uneven over 4; a ControlNet's additions (double blocks: every video token)
+    kind = "image" if variant == "image" else "video"
+    args = hunyuan_inputs(kind)
+    kwargs = {"ref_latent": args["ref_latent"]} if variant == "reference" else {}
+    if variant == "control":
+        g = torch.Generator().manual_seed(8)
+        kwargs["control"] = {"input": [torch.randn(1, 30, 96, generator=g), None],
+                             "output": [torch.randn(1, 30, 96, generator=g) for _ in range(2)]}
+    expected, got = hunyuan_one_and_ranks(hunyuan[kind], args, n, **kwargs)
+    assert got.shape == expected.shape and max_rel_error(got, expected) < TOLERANCE
+
+
+def test_hunyuan_video_with_rope_not_split_fails_the_check(hunyuan, monkeypatch):
+    from comfy_multigpu.host import sp_hunyuan
+    double = sp_hunyuan._HunyuanRank.double
+
+    def first_positions(self, index):
+        run = double(self, index)
+
+        def wrong(args, extra):
+            out = run(args, extra)
+            if index == 0:                          # later blocks: the first tokens' frequencies on every rank
+                self.pe = args["pe"][:, :, :self.pe.shape[2]]
+            return out
+        return wrong
+    monkeypatch.setattr(sp_hunyuan._HunyuanRank, "double", first_positions)
+    expected, got = hunyuan_one_and_ranks(hunyuan["video"], hunyuan_inputs(), 2)
+    assert max_rel_error(got, expected) > 10 * TOLERANCE            # about 100x: small RoPE dims at theta 256
+
+
+def test_hunyuan_video_fallbacks(hunyuan):
+    from comfy_multigpu.host.sp_hunyuan import hunyuan_fallback
+    args = hunyuan_inputs()
+
+    def why(n=2, options=None, **kwargs):
+        return hunyuan_fallback(hunyuan["video"], args["x"], args["context"], options or {}, n, **kwargs)
+    assert why() is None and why(4) is None
+    assert "6 attention heads, fewer than 7" in why(7)
+    assert "attention mask" in why(attention_mask=torch.ones(1, 7))
+    assert "guiding_frame_index" in why(guiding_frame_index=torch.tensor([0.0]))
+    assert "another patch" in why(options={"patches_replace": {"dit": {("single_block", 0): print}}})
+    assert "another attention override" in why(options={"optimized_attention_override": print})
+
+
+def test_the_node_runs_each_family_on_the_leased_gpus_and_names_it(flux2, qwen, hunyuan):
     """The SequenceParallel wrapper as a sampler calls it (the executor: the model's own forward) for
-    FLUX.2 and Qwen-Image: the one-rank output, the lease's GPUs in the history note."""
+    FLUX.2, Qwen-Image and HunyuanVideo: the one-rank output, the lease's GPUs in the history note."""
     from comfy_multigpu.host.sp_nodes import SequenceParallelWrapper, model_family
     from comfy_multigpu.runtime.context import current_worker
     g = torch.Generator().manual_seed(5)
     cases = {"FLUX": (flux2, (torch.randn(1, 32, 5, 3, generator=g), torch.tensor([0.7]),
                               torch.randn(1, 7, 64, generator=g), None, torch.tensor([3.5]))),
-             "Qwen-Image": (qwen, (qwen_inputs()["x"], torch.tensor([0.7]), qwen_inputs()["context"]))}
+             "Qwen-Image": (qwen, (qwen_inputs()["x"], torch.tensor([0.7]), qwen_inputs()["context"])),
+             "HunyuanVideo": (hunyuan["video"], tuple(hunyuan_inputs()[k] for k in ("x", "timestep", "context", "y"))
+                              + (None, None, torch.tensor([6.0])))}
     for family, (model, args) in cases.items():
         assert model_family(model)[0] == family
 
@@ -600,6 +681,18 @@ def test_a_flux2_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
         assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None
     log = multi4.log()
     assert "unet missing" not in log and "unet unexpected" not in log
+
+
+def test_a_hunyuan_video_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
+    """A generated HunyuanVideo 1.0 checkpoint (detected with no missing or unexpected keys) through the API."""
+    from helpers import workflows as wf
+    expected, single = latent_of(multi4, wf.hunyuan(1))
+    assert single["outputs"]["9"]["shape"] == [1, 16, 2, 4, 6]
+    for n in (2, 4):
+        got, entry = latent_of(multi4, wf.hunyuan(n))
+        assert max_rel_error(got, expected) < TOLERANCE, n
+        assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None
+    assert "SequenceParallel: each HunyuanVideo forward on GPUs" in multi4.log()
 
 
 def test_sequence_parallel_and_single_prompts_together_all_finish_with_the_lease_visible(multi4):

@@ -1,6 +1,6 @@
-"""The SequenceParallel node (issue 17): a model patch that runs each FLUX, Qwen-Image or Wan denoiser
-forward on the GPUs the prompt leased (host/sp_flux.py, sp_qwen.py, sp_wan.py), or on one GPU with the
-reason logged and kept in history.
+"""The SequenceParallel node (issue 17): a model patch that runs each FLUX, Qwen-Image, Wan or HunyuanVideo
+denoiser forward on the GPUs the prompt leased (host/sp_flux.py, sp_qwen.py, sp_wan.py, sp_hunyuan.py), or
+on one GPU with the reason logged and kept in history.
 
 A prompt holding this node asks the scheduler for `gpus` workers at once (QueuedPrompt.gang, read from
 the graph by policy/sequence_split.requested_ranks); its rank 0 runs the executor, the others lend their
@@ -8,8 +8,8 @@ devices. It works with the stock loaders and samplers (KSampler, SamplerCustomAd
 DIFFUSION_MODEL wrapper on a clone of the model, ComfyUI's own extension point.
 
 Host objects touched: comfy.model_patcher.ModelPatcher (clone, add_wrapper_with_key),
-comfy.patcher_extension.WrappersMP, the Flux, QwenImageTransformer2DModel and WanModel classes (type
-checks), nodes' registry (through the custom node's NODE_CLASS_MAPPINGS).
+comfy.patcher_extension.WrappersMP, the Flux, QwenImageTransformer2DModel, WanModel and HunyuanVideo classes
+(type checks), nodes' registry (through the custom node's NODE_CLASS_MAPPINGS).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..policy.sequence_split import MAX_RANKS, fallback_reason
 from ..runtime.context import current_worker
 from .rank_copies import on_devices, uncopyable
 from .sp_flux import flux_fallback, parallel_forward
+from .sp_hunyuan import hunyuan_fallback, parallel_forward_hunyuan
 from .sp_qwen import parallel_forward_qwen, qwen_fallback
 from .sp_wan import parallel_forward_wan, wan_fallback
 
@@ -52,7 +53,8 @@ class SequenceParallelWrapper:
         ranks = min(self.gpus, len(workers))
         family, adapter = model_family(model)
         if family is None:
-            reason = f"{type(model).__name__} is not a supported model (FLUX.1, FLUX.2, Qwen-Image, Wan 2.x)"
+            reason = (f"{type(model).__name__} is not a supported model "
+                      "(FLUX.1, FLUX.2, Qwen-Image, Wan 2.x, HunyuanVideo)")
         else:
             why, run = adapter(model, args, dict(kwargs))
             if ranks < 2:
@@ -125,6 +127,8 @@ class SequenceParallelWrapper:
 FLUX_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
 WAN_ARGS = ("x", "timestep", "context", "clip_fea", "time_dim_concat", "transformer_options")
 QWEN_ARGS = ("x", "timestep", "context", "attention_mask", "ref_latents", "additional_t_cond", "transformer_options")
+HUNYUAN_ARGS = ("x", "timestep", "context", "y", "txt_byt5", "clip_fea", "guidance", "attention_mask",
+                "guiding_frame_index", "ref_latent", "disable_time_r", "control", "transformer_options")
 
 
 def _flux(model, args: tuple, extra: dict):
@@ -168,13 +172,32 @@ def _qwen(model, args: tuple, extra: dict):
     return why, run
 
 
+def _hunyuan(model, args: tuple, extra: dict):
+    """comfy.ldm.hunyuan_video.model.HunyuanVideo (HunyuanVideo 1.0 and 1.5, HunyuanImage 2.1)."""
+    values = _positional(args, extra, HUNYUAN_ARGS)
+    named = dict(zip(HUNYUAN_ARGS, values))
+    options = named.pop("transformer_options")
+
+    def why(n):
+        return hunyuan_fallback(model, named["x"], named["context"], options, n,
+                                attention_mask=named["attention_mask"],
+                                guiding_frame_index=named["guiding_frame_index"], **extra)
+
+    def run(models, devices, first, workers):
+        return parallel_forward_hunyuan(models, devices, *values[:-1], options, first=first, workers=workers,
+                                        **extra)
+    return why, run
+
+
 def model_family(model) -> tuple:
     """(the family's name, its adapter) of a diffusion model the engine splits; (None, None) otherwise."""
     from comfy.ldm.flux.model import Flux
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
     from comfy.ldm.wan.model import WanModel
     for cls, name, adapter in ((Flux, "FLUX", _flux), (WanModel, "Wan", _wan),
-                               (QwenImageTransformer2DModel, "Qwen-Image", _qwen)):
+                               (QwenImageTransformer2DModel, "Qwen-Image", _qwen),
+                               (HunyuanVideo, "HunyuanVideo", _hunyuan)):
         if isinstance(model, cls):
             return name, adapter
     return None, None
@@ -190,14 +213,15 @@ def _positional(args: tuple, kwargs: dict, names: tuple) -> tuple:
 
 
 class SequenceParallel:
-    """MODEL -> MODEL: each denoiser forward runs on `gpus` GPUs at once (FLUX.1, FLUX.2, Qwen-Image, Wan 2.x;
-    others on one)."""
+    """MODEL -> MODEL: each denoiser forward runs on `gpus` GPUs at once (FLUX.1, FLUX.2, Qwen-Image, Wan 2.x,
+    HunyuanVideo; others on one)."""
     CATEGORY = "advanced/model"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
-    DESCRIPTION = ("Runs each FLUX, Qwen-Image or Wan denoiser step on several GPUs at once (sequence parallelism): the prompt "
-                   "waits until that many GPUs of its pool are free. Falls back to one GPU, with the reason "
-                   "in the log and in the prompt's history, when the model or the patches do not allow it.")
+    DESCRIPTION = ("Runs each FLUX, Qwen-Image, Wan or HunyuanVideo denoiser step on several GPUs at once "
+                   "(sequence parallelism): the prompt waits until that many GPUs of its pool are free. Falls back "
+                   "to one GPU, with the reason in the log and in the prompt's history, when the model or the "
+                   "patches do not allow it.")
 
     @classmethod
     def INPUT_TYPES(cls):

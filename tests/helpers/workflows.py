@@ -95,6 +95,21 @@ def flux2(gpus: int, seed: int = 1, width: int = 80, height: int = 48, steps: in
     return prompt
 
 
+HUNYUAN = "tiny-hunyuan-video-flux.safetensors"
+
+
+def hunyuan(gpus: int, seed: int = 1, width: int = 48, height: int = 32, length: int = 5, steps: int = 2) -> dict:
+    """The tiny HunyuanVideo model, SequenceParallel(gpus), conditioning from MGFluxCond (CLIP-L's pooled
+    width), a video latent (2 x 4 x 6 -> 2 x 2 x 3 tokens: the host does not pad odd sizes), the latent's
+    values (node "9")."""
+    prompt = flux(gpus, seed=seed, steps=steps)
+    prompt["1"]["inputs"]["unet_name"] = HUNYUAN
+    prompt["3"]["inputs"].update(pooled=768, tokens=5)
+    prompt["4"] = {"class_type": "EmptyHunyuanLatentVideo",
+                   "inputs": {"width": width, "height": height, "length": length, "batch_size": 1}}
+    return prompt
+
+
 WAN = "tiny-wan21-t2v-flux.safetensors"
 
 
