@@ -500,6 +500,17 @@ def test_a_control_cut_at_the_gathering_block_too_fails_the_check(flux, controln
     assert max_rel_error(got, expected) > 100 * TOLERANCE
 
 
+def qwen_controlnet(qwen):
+    """The host's Qwen-Image ControlNet (InstantX, QwenImageControlNetModel) at the tiny model's width."""
+    import comfy.ops
+    from comfy.ldm.qwen_image.controlnet import QwenImageControlNetModel
+    torch.manual_seed(2)
+    return scaled_random_(QwenImageControlNetModel(patch_size=2, in_channels=64, out_channels=16, num_layers=3,
+                                                   attention_head_dim=16, num_attention_heads=6,
+                                                   joint_attention_dim=48, axes_dims_rope=(4, 6, 6),
+                                                   dtype=torch.float32, operations=comfy.ops.disable_weight_init))
+
+
 def qwen_inputs(reference=False, frames=1, tokens=7, seed=4):
     g = torch.Generator().manual_seed(seed)
     return dict(x=torch.randn(1, 16, frames, 10, 6, generator=g), timestep=torch.tensor([0.7]),
@@ -524,10 +535,17 @@ def test_qwen_image_on_n_ranks_gives_the_output_of_one(qwen, n, variant):
     # additions (one per block, over the image tokens) cut per rank, the last block's whole
     args = qwen_inputs(reference="edit" in variant or variant == "layered", frames=2 if variant == "layered" else 1)
     kwargs = {"ref_latents_method": "negative_index"} if variant == "layered" else {}
-    if "control" in variant:
+    if variant == "control":                   # the host's InstantX ControlNet: one addition per block, repeated
+        with torch.no_grad():
+            kwargs["control"] = qwen_controlnet(qwen)(args["x"], args["timestep"], args["context"],
+                                                      hint=torch.randn(args["x"].shape))
+    elif "control" in variant:                 # Fun-style: blocks without an addition have None
         g = torch.Generator().manual_seed(6)
-        kwargs["control"] = {"input": [torch.randn(1, 15, 96, generator=g) for _ in qwen.transformer_blocks]}
+        kwargs["control"] = {"input": [torch.randn(1, 15, 96, generator=g), None, torch.randn(1, 15, 96, generator=g)]}
     expected, got = qwen_one_and_ranks(qwen, args, n, **kwargs)
+    if "control" in variant:
+        plain, _ = qwen_one_and_ranks(qwen, args, 1)
+        assert max_rel_error(plain, expected) > 0.01                # the control matters
     assert got.shape == expected.shape and max_rel_error(got, expected) < TOLERANCE
 
 
@@ -550,8 +568,12 @@ def test_qwen_image_fallbacks(qwen):
     assert why() is None and why(ref_latents=args["ref_latents"]) is None
     assert "6 attention heads, fewer than 7" in why(7)
     assert "attention mask" in why(attention_mask=torch.ones(1, 7))
-    assert why(control={"input": []}) is None                   # a ControlNet's additions are cut per rank
     assert "index_timestep_zero" in why(ref_latents=args["ref_latents"], ref_latents_method="index_timestep_zero")
+    qwen.default_ref_method = "index_timestep_zero"                 # a 2511 checkpoint: its references
+    try:                                                            # without a method given
+        assert "index_timestep_zero" in why(ref_latents=args["ref_latents"]) and why() is None
+    finally:
+        qwen.default_ref_method = "index"
     assert "another patch" in why(options={"patches": {"double_block": [print]}})
     assert "another patch" in why(options={"patches_replace": {"dit": {("double_block", 0): print}}})
     assert "another attention override" in why(options={"optimized_attention_override": print})
@@ -675,7 +697,7 @@ def test_a_flux2_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
     from helpers import workflows as wf
     expected, single = latent_of(multi4, wf.flux2(1))
     assert single["outputs"]["9"]["shape"] == [1, 128, 3, 5]
-    for n in (2, 3):
+    for n in (2, 3, 4):
         got, entry = latent_of(multi4, wf.flux2(n))
         assert max_rel_error(got, expected) < TOLERANCE, n
         assert entry["sequence_parallel"]["gpus"] == n and entry["sequence_parallel"]["fallback"] is None

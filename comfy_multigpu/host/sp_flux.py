@@ -138,7 +138,8 @@ class _Rank:
 
 
 class _Additions:
-    """A read-only list whose items come through `cut(item, index)` as they are read."""
+    """A read-only list whose items come through `cut(item, index)` as they are read (by index, negative
+    too, or by slice: a list), so a wrapper further down the chain may read it as a list."""
 
     def __init__(self, items, cut: Callable):
         self._items, self._cut = items, cut
@@ -146,8 +147,14 @@ class _Additions:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self._items))[index]]
+        index = range(len(self._items))[index]                       # IndexError as a list's
         return self._cut(self._items[index], index)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self._items)))
 
 
 def parallel_forward(models: Sequence[Any], devices: Sequence[Any], x, timestep, context, y=None,

@@ -8,9 +8,11 @@
 - `patches_replace["dit"][("double_block", last)]`: after the last block every rank gathers the image
   tokens, so norm_out, proj_out and the un-patchify see the whole image.
 
-Qwen-Image, Qwen-Image-Edit (reference latents by index) and the Layered variant run split; a text
-attention mask (padded prompts), ControlNet, index_timestep_zero references (2511: modulation by token
-range), patches on the blocks and another attention override fall back to one GPU.
+Qwen-Image, Qwen-Image-Edit (reference latents by index) and the Layered variant run split, with the
+ControlNets ControlNetLoader loads (InstantX, Fun: their per-block additions cut per rank, sp_flux
+_Rank.control); a text attention mask (padded prompts), index_timestep_zero references (2511: modulation
+by token range), patches on the blocks (DiffSynth's blockwise ControlNet is one) and another attention
+override fall back to one GPU.
 
 Host objects touched: comfy.ldm.qwen_image.model.QwenImageTransformer2DModel (called, never changed);
 transformer_options copied.
