@@ -25,7 +25,8 @@ skipped, so CI keeps it working.
    times), ComfyUI's classes in this process: a small Flux on N = 2, 3, 4 ranks equals one rank in fp32
    (TF32 off; a broken variant must fail), and in bf16 stays within bf16's own noise floor; one forward
    of FLUX.1-dev's real shape (bf16, about 24 GB, 1024 px) timed with 1, 2, 4 ranks, device time and host
-   (dispatch) time, the exchanges; an SD VAE's tiled decode spread over 2 ranks equals the host's own
+   (dispatch) time, the exchanges; an SD VAE's tiled decode spread over 2 ranks equals the host's own;
+   FLUX.2, Qwen-Image, Wan and HunyuanVideo at small width on N = 2, 4 ranks equal one rank in fp32
    (dry run: the same at a tiny width).
 
 Each check runs in a child process with a timeout (its own cap, and never past the run's budget), so a

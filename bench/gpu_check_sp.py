@@ -10,7 +10,11 @@ one device (cuda:0 N times; the dry run: cpu), with ComfyUI's classes in this pr
    512 text tokens) with 1, 2 and 4 ranks: time on the device, time until the call returns (the host's
    dispatch), the exchanges; the dry run runs the same code at a tiny width and a few tokens;
 4. VAE: an SD VAE (full width on CUDA) decoded by the host's own VAE.decode_tiled with VAEDecodeTiled's
-   default tiles, against spread_decode_tiled over [device, device].
+   default tiles, against spread_decode_tiled over [device, device];
+5. fp32: the other families at the tests' small shapes (FLUX.2 with a reference latent, Qwen-Image with
+   a ControlNet's additions, Wan 2.1 text to video, HunyuanVideo) as N = 2, 4 ranks through the node's
+   adapters (host/sp_nodes.model_family) give the one-rank output to 1e-4, TF32 off: their RoPE,
+   norms and attention on the device's kernels.
 
 A part that raises is a FAIL row with its error; the other parts still run.
 
@@ -66,7 +70,8 @@ def check_sp(ctx) -> list:
     parts = [("8. sequence parallel, fp32: N ranks = one rank", part_fp32),
              ("8. sequence parallel, bf16: N ranks within bf16's noise floor", part_bf16),
              ("8. sequence parallel: one forward timed with 1, 2, 4 ranks", part_timing),
-             ("8. sequence parallel: VAE tiles spread over 2 ranks = the host's tiled decode", part_vae)]
+             ("8. sequence parallel: VAE tiles spread over 2 ranks = the host's tiled decode", part_vae),
+             ("8. sequence parallel, fp32: FLUX.2, Qwen-Image, Wan, HunyuanVideo", part_families)]
     rows = []
     for title, part in parts:
         started = time.perf_counter()
@@ -85,22 +90,28 @@ def check_sp(ctx) -> list:
 
 # ---- the small model of parts 1 and 2 --------------------------------------------------------------
 
-def small_flux(state):
-    """The test fixture's Flux on the device in fp32, its fp32 one-rank outputs (TF32 off) and inputs."""
-    if "small" in state:
-        return state["small"]
-    torch = state["torch"]
+def random_small(torch, cls, config: dict, device):
+    """A ComfyUI model class at a small config in fp32 with the tests' random weights (matrices
+    1/sqrt(fan in), biases 0.02, norm scales 1: attention as sharp as a trained model's), on `device`."""
     import comfy.ops
-    from comfy.ldm.flux.model import Flux
     g = torch.Generator().manual_seed(SEED)
-    model = Flux(**SMALL_FLUX, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    model = cls(**config, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1
                     else torch.randn(p.shape, generator=g) * 0.02)
             if "norm" in name:
-                p.fill_(1.0)          # RMSNorm scales of q and k: attention as sharp as a trained model's
-    model = model.eval().requires_grad_(False).to(state["device"])
+                p.fill_(1.0)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def small_flux(state):
+    """The test fixture's Flux on the device in fp32, its fp32 one-rank outputs (TF32 off) and inputs."""
+    if "small" in state:
+        return state["small"]
+    torch = state["torch"]
+    from comfy.ldm.flux.model import Flux
+    model = random_small(torch, Flux, SMALL_FLUX, state["device"])
     cases = [inputs(torch, state["device"], h, w, t, seed=i) for i, (h, w, t) in
              enumerate(SMALL_INPUTS["cuda" if state["cuda"] else "cpu"])]
     with tf32_off(torch, state["cuda"]) as tf32:
@@ -375,3 +386,75 @@ def part_vae(state) -> list:
                 f"overlap {tiles['overlap']}) against spread_decode_tiled over 2 ranks on one device (it runs the "
                 f"host's tiling code twice, to record and to replay; ranks sharing one GPU decode no faster than "
                 f"one); the host's decode timed after a warm-up")]
+
+
+# ---- part 5: the other model families --------------------------------------------------------------
+
+# The tests' small shapes (tests/test_sequence_parallel.py): 6 heads (uneven over 4), uneven tokens.
+FAMILIES = {
+    "FLUX.2": ("comfy.ldm.flux.model", "Flux", dict(
+        image_model="flux2", in_channels=32, out_channels=32, vec_in_dim=None, context_in_dim=64, hidden_size=96,
+        mlp_ratio=3.0, num_heads=6, depth=2, depth_single_blocks=2, axes_dim=[4, 4, 4, 4], theta=2000,
+        patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True,
+        ops_bias=False, default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3])),
+    "Qwen-Image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=16, num_attention_heads=6,
+        joint_attention_dim=48, axes_dims_rope=(4, 6, 6))),
+    "Wan 2.1": ("comfy.ldm.wan.model", "WanModel", dict(
+        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=96, ffn_dim=128, freq_dim=256, text_dim=48,
+        out_dim=16, num_heads=6, num_layers=3, qk_norm=True, cross_attn_norm=True, eps=1e-6)),
+    "HunyuanVideo": ("comfy.ldm.hunyuan_video.model", "HunyuanVideo", dict(
+        in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=96, mlp_ratio=4.0,
+        num_heads=6, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=256, patch_size=[1, 2, 2],
+        qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, use_cond_type_embedding=False,
+        vision_in_dim=None, meanflow_sum=False)),
+}
+
+
+def family_call(torch, name: str, device) -> tuple:
+    """(positional arguments, keyword arguments) of one forward of family `name`: 15 image tokens (30 for
+    video) and 7 text tokens; FLUX.2 with an edit's reference latent, Qwen-Image with a ControlNet's
+    per-block additions."""
+    g = torch.Generator().manual_seed(SEED)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+    t = torch.tensor([0.7], device=device)
+    if name == "FLUX.2":
+        return (rand(1, 32, 5, 3), t, rand(1, 7, 64), None, torch.tensor([3.5], device=device),
+                [rand(1, 32, 4, 3)]), {}
+    if name == "Qwen-Image":
+        return (rand(1, 16, 1, 10, 6), t, rand(1, 7, 48)), {"control": {"input": [rand(1, 15, 96), None,
+                                                                                  rand(1, 15, 96)]}}
+    if name == "Wan 2.1":
+        return (rand(1, 16, 2, 10, 6), torch.tensor([600.0], device=device), rand(1, 7, 48)), {}
+    return (rand(1, 16, 2, 10, 6), t, rand(1, 7, 48), rand(1, 32), None, None,
+            torch.tensor([6.0], device=device)), {}
+
+
+def part_families(state) -> list:
+    import importlib
+    torch, device = state["torch"], state["device"]
+    from comfy_multigpu.host.sp_nodes import model_family
+    errors, problems = {}, []
+    with tf32_off(torch, state["cuda"]) as tf32:
+        for name, (module, cls, config) in FAMILIES.items():
+            model = random_small(torch, getattr(importlib.import_module(module), cls), config, device)
+            args, kwargs = family_call(torch, name, device)
+            with torch.inference_mode():
+                expected = model._forward(*args, transformer_options={}, **kwargs)
+                for n in (2, 4):
+                    why, run = model_family(model)[1](model, args, dict(kwargs))
+                    if why(n) is not None:
+                        problems.append(f"{name}, N = {n}: falls back: {why(n)}")
+                        continue
+                    errors[name, n] = max_rel_error(run([model] * n, [device] * n, None, None)[0], expected)
+    problems += [f"{name}, N = {n}: {e:.1e} >= {TOLERANCE:g}" for (name, n), e in errors.items() if not e < TOLERANCE]
+    return [Row(f"8. sequence parallel, fp32: FLUX.2, Qwen-Image, Wan, HunyuanVideo as N ranks on {device} = one rank",
+                FAIL if problems else PASS,
+                "max rel error " + ", ".join(f"{name} N={n} {e:.1e}" for (name, n), e in errors.items())
+                + f" (< {TOLERANCE:g})",
+                ("; ".join(problems) + "; " if problems else "")
+                + "ComfyUI's classes at the tests' small shapes (6 heads, uneven token and head splits), random "
+                f"weights, fp32, through the SequenceParallel node's adapters; FLUX.2 with a reference latent, "
+                f"Qwen-Image with ControlNet additions; {tf32}")]

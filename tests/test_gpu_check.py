@@ -49,8 +49,10 @@ def test_a_dry_run_passes_every_check_it_can_run_on_the_cpu(dry_run):
     assert "GPU 1's kept" in rows["2"][0][2]
     assert "threads 1/2" in rows["5"][0][2] and "processes 1/2" in rows["5"][0][2]
     assert "loaded once, mapped by both" in rows["7"][0][2]
-    assert len(rows["8"]) == 6 and "local-only attention" in rows["8"][0][2] and "floor" in rows["8"][1][2]
-    assert "tiles per rank" in rows["8"][-1][2]
+    assert len(rows["8"]) == 7 and "local-only attention" in rows["8"][0][2] and "floor" in rows["8"][1][2]
+    assert "tiles per rank" in rows["8"][-2][2]
+    assert all(f"{name} N={n}" in rows["8"][-1][2] for name in ("FLUX.2", "Qwen-Image", "Wan 2.1", "HunyuanVideo")
+               for n in (2, 4))
     assert took < 200, f"the dry run took {took:.0f} s; CI budgets about two minutes for it"
 
 
