@@ -382,6 +382,20 @@ def test_wan_fallbacks(wan):
     assert "4 attention heads, fewer than 5" in wan_fallback(wan, args["x"], args["timestep"], args["context"], {}, 5)
     assert "extra latents" in wan_fallback(wan, args["x"], args["timestep"], args["context"], {}, 2,
                                            reference_latent=torch.zeros(1))
+    for kind in ("attn1_patch", "attn2_patch", "double_block"):
+        assert kind in wan_fallback(wan, args["x"], args["timestep"], args["context"], {"patches": {kind: [print]}}, 2)
+
+
+def test_flux_falls_back_for_patches_that_would_see_one_ranks_tokens(flux):
+    from comfy_multigpu.host.sp_flux import flux_fallback
+    args = inputs()
+
+    def why(options):
+        return flux_fallback(flux, args["x"], args["context"], options, 2)
+    assert why({}) is None and why({"patches": {"attn1_patch": []}}) is None
+    assert "(attn1_patch)" in why({"patches": {"attn1_patch": [print]}})
+    assert "(attn1_output_patch)" in why({"patches": {"attn1_output_patch": [print]}})
+    assert "replaces the last single block" in why({"patches_replace": {"dit": {("single_block", 1): print}}})
 
 
 def test_a_wan_video_prompt_on_several_gpus_gives_the_one_gpu_latent(multi4):
@@ -575,14 +589,16 @@ def test_qwen_image_fallbacks(qwen):
     finally:
         qwen.default_ref_method = "index"
     assert "another patch" in why(options={"patches": {"double_block": [print]}})
-    assert "another patch" in why(options={"patches_replace": {"dit": {("double_block", 0): print}}})
+    assert "a replace of a double_block" in why(options={"patches_replace": {"dit": {("double_block", 0): print}}})
+    assert "attn1_patch" in why(options={"patches": {"attn1_patch": [print]}})
     assert "another attention override" in why(options={"optimized_attention_override": print})
 
 
 @pytest.fixture(scope="module")
 def hunyuan(flux):
-    """ComfyUI's HunyuanVideo class at small width: video (patch 1 x 2 x 2) and, as HunyuanImage 2.1
-    builds it, image (patch 2 x 2)."""
+    """ComfyUI's HunyuanVideo class at small width: video (patch 1 x 2 x 2), as HunyuanImage 2.1 builds
+    it (patch 2 x 2), and as HunyuanVideo 1.5 (ByT5 and vision streams joining the text, condition-type
+    embeddings, meanflow's second timestep from the sampler's sigmas; no pooled vector, no guidance)."""
     import comfy.ops
     from comfy.ldm.hunyuan_video.model import HunyuanVideo
     config = dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=96, mlp_ratio=4.0,
@@ -590,8 +606,11 @@ def hunyuan(flux):
                   byt5=False, meanflow=False, use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False,
                   dtype=torch.float32, operations=comfy.ops.disable_weight_init)
     torch.manual_seed(0)
+    v15 = dict(config, vec_in_dim=None, guidance_embed=False, byt5=True, meanflow=True, use_cond_type_embedding=True,
+               vision_in_dim=32, meanflow_sum=True)
     return {"video": scaled_random_(HunyuanVideo(axes_dim=[4, 6, 6], patch_size=[1, 2, 2], **config)),
-            "image": scaled_random_(HunyuanVideo(axes_dim=[8, 8], patch_size=[2, 2], **config))}
+            "image": scaled_random_(HunyuanVideo(axes_dim=[8, 8], patch_size=[2, 2], **config)),
+            "1.5": scaled_random_(HunyuanVideo(axes_dim=[4, 6, 6], patch_size=[1, 2, 2], **v15))}
 
 
 def hunyuan_inputs(kind="video", seed=7):
@@ -602,27 +621,33 @@ def hunyuan_inputs(kind="video", seed=7):
                 guidance=torch.tensor([6.0]), ref_latent=torch.randn(1, 16, 1, 10, 6, generator=g))
 
 
-def hunyuan_one_and_ranks(model, args, n, **kwargs):
+def hunyuan_one_and_ranks(model, args, n, transformer_options=None, txt_byt5=None, clip_fea=None, **kwargs):
     from comfy_multigpu.host.sp_hunyuan import parallel_forward_hunyuan
-    call = (args["x"], args["timestep"], args["context"], args["y"], None, None, args["guidance"])
+    call = (args["x"], args["timestep"], args["context"], args["y"], txt_byt5, clip_fea, args["guidance"])
     with torch.no_grad():
-        one = model._forward(*call, transformer_options={}, **kwargs)
-        return one, parallel_forward_hunyuan([model] * n, ["cpu"] * n, *call, transformer_options={}, **kwargs)[0]
+        one = model._forward(*call, transformer_options=dict(transformer_options or {}), **kwargs)
+        return one, parallel_forward_hunyuan([model] * n, ["cpu"] * n, *call, transformer_options=transformer_options,
+                                             **kwargs)[0]
 
 
 @pytest.mark.parametrize("n, variant", [(2, "video"), (3, "video"), (4, "video"), (3, "reference"), (2, "image"),
-                                        (4, "image"), (3, "control")])
+                                        (4, "image"), (3, "control"), (3, "1.5")])
 def test_hunyuan_video_on_n_ranks_gives_the_output_of_one(hunyuan, n, variant):
     # 2 x 5 x 3 = 30 video tokens (+ 15 of a reference latent, prepended) or 15 image tokens, 7 text
     # tokens, 6 heads: uneven over 4; a ControlNet's additions (double blocks: every video token)
     kind = "image" if variant == "image" else "video"
     args = hunyuan_inputs(kind)
     kwargs = {"ref_latent": args["ref_latent"]} if variant == "reference" else {}
+    if variant == "1.5":                       # 5 ByT5 + 4 vision tokens join the 7 text tokens
+        g = torch.Generator().manual_seed(9)
+        args.update(y=None, guidance=None)
+        kwargs = {"txt_byt5": torch.randn(1, 5, 1472, generator=g), "clip_fea": torch.randn(1, 4, 32, generator=g),
+                  "transformer_options": {"sigmas": torch.tensor([0.7]), "sample_sigmas": torch.tensor([0.9, 0.7, 0.0])}}
     if variant == "control":
         g = torch.Generator().manual_seed(8)
         kwargs["control"] = {"input": [torch.randn(1, 30, 96, generator=g), None],
                              "output": [torch.randn(1, 30, 96, generator=g) for _ in range(2)]}
-    expected, got = hunyuan_one_and_ranks(hunyuan[kind], args, n, **kwargs)
+    expected, got = hunyuan_one_and_ranks(hunyuan["1.5" if variant == "1.5" else kind], args, n, **kwargs)
     assert got.shape == expected.shape and max_rel_error(got, expected) < TOLERANCE
 
 
@@ -655,6 +680,8 @@ def test_hunyuan_video_fallbacks(hunyuan):
     assert "attention mask" in why(attention_mask=torch.ones(1, 7))
     assert "guiding_frame_index" in why(guiding_frame_index=torch.tensor([0.0]))
     assert "another patch" in why(options={"patches_replace": {"dit": {("single_block", 0): print}}})
+    assert "(attn1_patch)" in why(options={"patches": {"attn1_patch": [print]}})     # it would see one rank's q, k, v
+    assert "attn1_output_patch" in why(options={"patches": {"attn1_output_patch": [print]}})
     assert "another attention override" in why(options={"optimized_attention_override": print})
 
 

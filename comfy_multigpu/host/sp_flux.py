@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..policy.sequence_split import fallback_reason, head_groups, token_ranges
+from ..policy.sequence_split import fallback_reason, head_groups, token_patches, token_ranges
 from ..runtime.rank_group import RankGroup, run_ranks
 
 logger = logging.getLogger("comfy_multigpu")
@@ -35,6 +35,9 @@ def flux_fallback(model, x, context, transformer_options: dict, ranks: int, ref_
     img_tokens = ((x.shape[-2] + patch // 2) // patch) * ((x.shape[-1] + patch // 2) // patch)
     method = kwargs.get("ref_latents_method", getattr(model.params, "default_ref_method", None))
     replaced = transformer_options.get("patches_replace", {}).get("dit", {})
+    patched = token_patches(transformer_options, ("attn1_patch", "attn1_output_patch"))
+    if patched:
+        return patched
     return fallback_reason(
         ranks=ranks, heads=model.num_heads, tokens=img_tokens, text_tokens=context.shape[1],
         attention_mask=kwargs.get("attention_mask") is not None,

@@ -10,7 +10,8 @@ blocks' replace patches do it (hunyuan_video/model.py forward_orig, `patches_rep
 - the last single block's gathers the video tokens, so the final layer and the un-patchify see them all.
 
 A text attention mask (padded prompts), the image-to-video token replace (`guiding_frame_index`:
-modulation by token range), other patches on the blocks and another attention override fall back.
+modulation by token range), other patches on the blocks or their attention (attn1_patch,
+attn1_output_patch) and another attention override fall back.
 
 Host objects touched: comfy.ldm.hunyuan_video.model.HunyuanVideo (called, never changed);
 transformer_options copied.
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..policy.sequence_split import fallback_reason, token_ranges
+from ..policy.sequence_split import fallback_reason, token_patches, token_ranges
 from ..runtime.rank_group import RankGroup
 from .sp_flux import _Rank, run_forward
 
@@ -37,8 +38,10 @@ def hunyuan_fallback(model, x, context, transformer_options: dict, ranks: int, a
         tokens *= (size + step // 2) // step
     if guiding_frame_index is not None:
         return "the image-to-video token replace (guiding_frame_index) modulates token ranges"
-    if transformer_options.get("patches_replace", {}).get("dit"):
-        return "another patch works on the blocks' tokens"
+    patched = token_patches(transformer_options, ("attn1_patch", "attn1_output_patch"),
+                            ("double_block", "single_block"))
+    if patched:
+        return patched
     if not model.double_blocks or not model.single_blocks:
         return "the model has no double or no single blocks to split and gather at"
     return fallback_reason(ranks=ranks, heads=model.num_heads, tokens=tokens, text_tokens=context.shape[1],

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..policy.sequence_split import fallback_reason
+from ..policy.sequence_split import fallback_reason, token_patches
 from ..runtime.rank_group import RankGroup
 from .sp_flux import _Rank, run_forward
 
@@ -39,10 +39,9 @@ def qwen_fallback(model, x, context, transformer_options: dict, ranks: int, atte
     for size in x.shape[-2:]:
         tokens *= (size + patch // 2) // patch
     method = kwargs.get("ref_latents_method", model.default_ref_method)
-    patches = transformer_options.get("patches", {})
-    replaced = transformer_options.get("patches_replace", {}).get("dit", {})
-    if "double_block" in patches or "attn1_patch" in patches or any(k[0] == "double_block" for k in replaced):
-        return "another patch works on the blocks' tokens"
+    patched = token_patches(transformer_options, ("attn1_patch", "double_block"), ("double_block",))
+    if patched:
+        return patched
     return fallback_reason(
         ranks=ranks, heads=model.transformer_blocks[0].attn.heads, tokens=tokens, text_tokens=context.shape[1],
         attention_mask=attention_mask is not None,

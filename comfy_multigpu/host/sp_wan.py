@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..policy.sequence_split import fallback_reason, split_avoiding
+from ..policy.sequence_split import fallback_reason, split_avoiding, token_patches
 from ..runtime.rank_group import RankGroup
 from .sp_flux import _Rank, run_forward
 
@@ -32,14 +32,13 @@ def wan_fallback(model, x, timestep, context, transformer_options: dict, ranks: 
     tokens = 1
     for size, step in zip(x.shape[2:], patch):
         tokens *= (size + step // 2) // step
-    patches = transformer_options.get("patches", {})
-    replaced = transformer_options.get("patches_replace", {}).get("dit", {})
     if timestep.ndim > 1 and timestep.shape[-1] > 1:
         return "per-frame timesteps (Wan 2.2 TI2V) modulate token ranges"
     if time_dim_concat is not None or any(kwargs.get(k) is not None for k in EXTRA_INPUTS):
         return "reference, in-context or other extra latents are not split"
-    if "double_block" in patches or "attn1_patch" in patches or any(k[0] == "double_block" for k in replaced):
-        return "another patch works on the blocks' tokens"
+    patched = token_patches(transformer_options, ("attn1_patch", "attn2_patch", "double_block"), ("double_block",))
+    if patched:
+        return patched
     return fallback_reason(ranks=ranks, heads=model.num_heads, tokens=tokens,
                            foreign_override="optimized_attention_override" in transformer_options)
 

@@ -145,6 +145,17 @@ def with_sequence_parallel(prompt: dict, gpus: int, auto: bool = False) -> dict:
     return out
 
 
+def token_patches(transformer_options: dict, kinds: tuple, replaced: tuple = ()) -> str | None:
+    """Why other patches make a split inexact (None: none do): a patch of one of `kinds` (e.g.
+    attn1_patch: it sees one rank's q, k, v, not every token's) or a replace of a block of one of the
+    `replaced` types (("double_block",): every one) in transformer_options."""
+    patches = (transformer_options or {}).get("patches", {})
+    found = [kind for kind in kinds if patches.get(kind)]
+    dit = (transformer_options or {}).get("patches_replace", {}).get("dit", {})
+    found += sorted({f"a replace of a {key[0]}" for key in dit if isinstance(key, tuple) and key[0] in replaced})
+    return f"another patch works on the blocks' tokens ({', '.join(found)})" if found else None
+
+
 def fallback_reason(*, ranks: int, heads: int, tokens: int, text_tokens: int = 1 << 30, attention_mask: bool = False,
                     timestep_zero: bool = False, foreign_override: bool = False,
                     foreign_last_block: bool = False, single_blocks: int = 1) -> str | None:
