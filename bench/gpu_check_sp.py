@@ -34,7 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench_sp import FLUX_DEV, build_on_device          # FLUX.1-dev's shape, built on the device
+from bench_sp import FAMILIES, FLUX_DEV, build_on_device, family_call, family_class, random_small  # noqa: E501
 from gpu_checks import FAIL, PASS, SEED, Row, comfy_host
 
 TOLERANCE = 1e-4                    # fp32: N ranks against one (tests/test_sequence_parallel.py)
@@ -90,28 +90,13 @@ def check_sp(ctx) -> list:
 
 # ---- the small model of parts 1 and 2 --------------------------------------------------------------
 
-def random_small(torch, cls, config: dict, device):
-    """A ComfyUI model class at a small config in fp32 with the tests' random weights (matrices
-    1/sqrt(fan in), biases 0.02, norm scales 1: attention as sharp as a trained model's), on `device`."""
-    import comfy.ops
-    g = torch.Generator().manual_seed(SEED)
-    model = cls(**config, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1
-                    else torch.randn(p.shape, generator=g) * 0.02)
-            if "norm" in name:
-                p.fill_(1.0)
-    return model.eval().requires_grad_(False).to(device)
-
-
 def small_flux(state):
     """The test fixture's Flux on the device in fp32, its fp32 one-rank outputs (TF32 off) and inputs."""
     if "small" in state:
         return state["small"]
     torch = state["torch"]
     from comfy.ldm.flux.model import Flux
-    model = random_small(torch, Flux, SMALL_FLUX, state["device"])
+    model = random_small(torch, Flux, SMALL_FLUX, state["device"], SEED)
     cases = [inputs(torch, state["device"], h, w, t, seed=i) for i, (h, w, t) in
              enumerate(SMALL_INPUTS["cuda" if state["cuda"] else "cpu"])]
     with tf32_off(torch, state["cuda"]) as tf32:
@@ -390,57 +375,14 @@ def part_vae(state) -> list:
 
 # ---- part 5: the other model families --------------------------------------------------------------
 
-# The tests' small shapes (tests/test_sequence_parallel.py): 6 heads (uneven over 4), uneven tokens.
-FAMILIES = {
-    "FLUX.2": ("comfy.ldm.flux.model", "Flux", dict(
-        image_model="flux2", in_channels=32, out_channels=32, vec_in_dim=None, context_in_dim=64, hidden_size=96,
-        mlp_ratio=3.0, num_heads=6, depth=2, depth_single_blocks=2, axes_dim=[4, 4, 4, 4], theta=2000,
-        patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True,
-        ops_bias=False, default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3])),
-    "Qwen-Image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", dict(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=16, num_attention_heads=6,
-        joint_attention_dim=48, axes_dims_rope=(4, 6, 6))),
-    "Wan 2.1": ("comfy.ldm.wan.model", "WanModel", dict(
-        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=96, ffn_dim=128, freq_dim=256, text_dim=48,
-        out_dim=16, num_heads=6, num_layers=3, qk_norm=True, cross_attn_norm=True, eps=1e-6)),
-    "HunyuanVideo": ("comfy.ldm.hunyuan_video.model", "HunyuanVideo", dict(
-        in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=96, mlp_ratio=4.0,
-        num_heads=6, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=256, patch_size=[1, 2, 2],
-        qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, use_cond_type_embedding=False,
-        vision_in_dim=None, meanflow_sum=False)),
-}
-
-
-def family_call(torch, name: str, device) -> tuple:
-    """(positional arguments, keyword arguments) of one forward of family `name`: 15 image tokens (30 for
-    video) and 7 text tokens; FLUX.2 with an edit's reference latent, Qwen-Image with a ControlNet's
-    per-block additions."""
-    g = torch.Generator().manual_seed(SEED)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device)
-    t = torch.tensor([0.7], device=device)
-    if name == "FLUX.2":
-        return (rand(1, 32, 5, 3), t, rand(1, 7, 64), None, torch.tensor([3.5], device=device),
-                [rand(1, 32, 4, 3)]), {}
-    if name == "Qwen-Image":
-        return (rand(1, 16, 1, 10, 6), t, rand(1, 7, 48)), {"control": {"input": [rand(1, 15, 96), None,
-                                                                                  rand(1, 15, 96)]}}
-    if name == "Wan 2.1":
-        return (rand(1, 16, 2, 10, 6), torch.tensor([600.0], device=device), rand(1, 7, 48)), {}
-    return (rand(1, 16, 2, 10, 6), t, rand(1, 7, 48), rand(1, 32), None, None,
-            torch.tensor([6.0], device=device)), {}
-
-
 def part_families(state) -> list:
-    import importlib
     torch, device = state["torch"], state["device"]
     from comfy_multigpu.host.sp_nodes import model_family
     errors, problems = {}, []
     with tf32_off(torch, state["cuda"]) as tf32:
         for name, (module, cls, config) in FAMILIES.items():
-            model = random_small(torch, getattr(importlib.import_module(module), cls), config, device)
-            args, kwargs = family_call(torch, name, device)
+            model = random_small(torch, family_class(module, cls), config, device, SEED)
+            args, kwargs = family_call(torch, name, device, SEED)
             with torch.inference_mode():
                 expected = model._forward(*args, transformer_options={}, **kwargs)
                 for n in (2, 4):
