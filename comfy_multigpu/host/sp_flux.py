@@ -101,14 +101,21 @@ class _Rank:
         return {"img": torch.cat([seq[:, :txt_len]] + images, dim=1)}
 
     def options(self, transformer_options: dict, last_block: tuple) -> dict:
-        """A copy of `transformer_options` with this rank's hooks: the split, the exchange around every
-        attention, and the gather replacing `last_block` (a patches_replace["dit"] key)."""
+        """transformer_options with the split after the inputs (post_input), the exchange around every
+        attention and the gather replacing `last_block` (a patches_replace["dit"] key)."""
+        return self.hooked(transformer_options, {last_block: self.gather_after_last_block}, self.split)
+
+    def hooked(self, transformer_options: dict, replaces: dict, post_input: Optional[Callable] = None) -> dict:
+        """A copy of `transformer_options` with this rank's hooks: `replaces` (patches_replace["dit"] keys:
+        functions), `post_input` (after the post_input patches already there) and the exchange around
+        every attention (optimized_attention_override)."""
         opts = dict(transformer_options)
-        patches = {k: list(v) for k, v in opts.get("patches", {}).items()}
-        patches["post_input"] = patches.get("post_input", []) + [self.split]
-        opts["patches"] = patches
+        if post_input is not None:
+            patches = {k: list(v) for k, v in opts.get("patches", {}).items()}
+            patches["post_input"] = patches.get("post_input", []) + [post_input]
+            opts["patches"] = patches
         replace = {k: dict(v) for k, v in opts.get("patches_replace", {}).items()}
-        replace.setdefault("dit", {})[last_block] = self.gather_after_last_block
+        replace.setdefault("dit", {}).update(replaces)
         opts["patches_replace"] = replace
         opts["optimized_attention_override"] = self.attention
         opts["sequence_parallel"] = {"rank": self.rank, "ranks": self.group.size}

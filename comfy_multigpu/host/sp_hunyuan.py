@@ -81,17 +81,8 @@ class _HunyuanRank(_Rank):
         return run
 
     def hunyuan_options(self, transformer_options: dict) -> dict:
-        opts = dict(transformer_options)
-        replace = {k: dict(v) for k, v in opts.get("patches_replace", {}).items()}
-        dit = replace.setdefault("dit", {})
-        for i in range(self.doubles):
-            dit[("double_block", i)] = self.double(i)
-        for i in range(self.singles):
-            dit[("single_block", i)] = self.single(i)
-        opts["patches_replace"] = replace
-        opts["optimized_attention_override"] = self.attention
-        opts["sequence_parallel"] = {"rank": self.rank, "ranks": self.group.size}
-        return opts
+        return self.hooked(transformer_options, {**{("double_block", i): self.double(i) for i in range(self.doubles)},
+                                                 **{("single_block", i): self.single(i) for i in range(self.singles)}})
 
 
 def parallel_forward_hunyuan(models: Sequence[Any], devices: Sequence[Any], x, timestep, context, y=None,

@@ -70,15 +70,7 @@ class _WanRank(_Rank):
         return run
 
     def wan_options(self, transformer_options: dict) -> dict:
-        opts = dict(transformer_options)
-        replace = {k: dict(v) for k, v in opts.get("patches_replace", {}).items()}
-        dit = replace.setdefault("dit", {})
-        for i in range(self.blocks):
-            dit[("double_block", i)] = self.block(i)
-        opts["patches_replace"] = replace
-        opts["optimized_attention_override"] = self.attention
-        opts["sequence_parallel"] = {"rank": self.rank, "ranks": self.group.size}
-        return opts
+        return self.hooked(transformer_options, {("double_block", i): self.block(i) for i in range(self.blocks)})
 
 
 def parallel_forward_wan(models: Sequence[Any], devices: Sequence[Any], x, timestep, context, clip_fea=None,

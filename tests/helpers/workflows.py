@@ -102,9 +102,15 @@ def hunyuan(gpus: int, seed: int = 1, width: int = 48, height: int = 32, length:
     """The tiny HunyuanVideo model, SequenceParallel(gpus), conditioning from MGFluxCond (CLIP-L's pooled
     width), a video latent (2 x 4 x 6 -> 2 x 2 x 3 tokens: the host does not pad odd sizes), the latent's
     values (node "9")."""
+    return video(gpus, HUNYUAN, {"pooled": 768, "tokens": 5}, seed, width, height, length, steps)
+
+
+def video(gpus: int, unet: str, cond: dict, seed: int, width: int, height: int, length: int, steps: int) -> dict:
+    """flux()'s graph on the video model `unet`, its conditioning's inputs updated with `cond`, an empty
+    video latent (EmptyHunyuanLatentVideo)."""
     prompt = flux(gpus, seed=seed, steps=steps)
-    prompt["1"]["inputs"]["unet_name"] = HUNYUAN
-    prompt["3"]["inputs"].update(pooled=768, tokens=5)
+    prompt["1"]["inputs"]["unet_name"] = unet
+    prompt["3"]["inputs"].update(cond)
     prompt["4"] = {"class_type": "EmptyHunyuanLatentVideo",
                    "inputs": {"width": width, "height": height, "length": length, "batch_size": 1}}
     return prompt
@@ -116,12 +122,7 @@ WAN = "tiny-wan21-t2v-flux.safetensors"
 def wan(gpus: int, seed: int = 1, width: int = 48, height: int = 40, length: int = 5, steps: int = 2) -> dict:
     """The tiny Wan 2.1 text-to-video model, SequenceParallel(gpus), umT5-wide conditioning from
     MGFluxCond, a stock KSampler on a video latent, the latent's values reported (node "9")."""
-    prompt = flux(gpus, seed=seed, steps=steps)
-    prompt["1"]["inputs"]["unet_name"] = WAN
-    prompt["3"]["inputs"].update(width=4096, tokens=5)
-    prompt["4"] = {"class_type": "EmptyHunyuanLatentVideo",
-                   "inputs": {"width": width, "height": height, "length": length, "batch_size": 1}}
-    return prompt
+    return video(gpus, WAN, {"width": 4096, "tokens": 5}, seed, width, height, length, steps)
 
 
 def spin(blocks: int, value: int = 0) -> dict:
