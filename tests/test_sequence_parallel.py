@@ -1,9 +1,11 @@
-"""Sequence-parallel FLUX.1, FLUX.2, Qwen-Image and Wan (host/sp_*.py, issue 17), in-process on the CPU: the
-host's own model classes (small width, their real block code and attention) run as 2, 3 and 4 ranks in
-threads give the output of one rank to 1e-4 (fp32), uneven token and head splits included; deliberately
-broken variants (attention over local tokens only; position ids not split) fail the same check, so it
-can fail; a rank that raises aborts every rank instead of hanging; the fallback reasons are pure and
-exact. Through the HTTP API on 4 CPU workers: generated FLUX.1, FLUX.2 and Wan checkpoints."""
+"""Sequence-parallel FLUX.1, FLUX.2, Qwen-Image, Wan and HunyuanVideo (host/sp_*.py, issue 17), in-process on
+the CPU: the host's own model classes (small width, their real block code and attention) run as 2, 3 and
+4 ranks in threads give the output of one rank to 1e-4 (fp32), uneven token and head splits, reference
+latents and ControlNet additions included; deliberately broken variants (attention over local tokens
+only; position ids, RoPE or a ControlNet's additions cut wrongly) fail the same check, so it can fail; a
+rank that raises aborts every rank instead of hanging; the fallback reasons are pure and exact. Through
+the HTTP API on 4 CPU workers: generated FLUX.1, FLUX.2, Wan and HunyuanVideo checkpoints, the VAE
+decode spread over the leased GPUs."""
 import pytest
 import torch
 
