@@ -82,8 +82,6 @@ def random_small(torch, cls, config: dict, device, seed: int = 0):
     return model.eval().requires_grad_(False).to(device)
 
 
-
-
 # The tests' small shapes (tests/test_sequence_parallel.py): 6 heads (uneven over 4), uneven tokens.
 FAMILIES = {
     "FLUX.2": ("comfy.ldm.flux.model", "Flux", dict(
@@ -222,12 +220,18 @@ def host_seconds(model, device: str, repeat: int) -> float:
     tiny = dict(x=torch.randn(1, 16, 8, 8), timestep=torch.tensor([0.5]), context=torch.randn(1, 4, width),
                 y=torch.randn(1, model.vector_in.in_layer.in_features), guidance=torch.tensor([3.5]))
     tiny = {k: v.to(device=device, dtype=dtype if k in ("x", "context", "y") else None) for k, v in tiny.items()}
-    one(model, tiny)
+    return call_seconds(lambda: one(model, tiny), device, repeat)
+
+
+def call_seconds(call, device: str, repeat: int) -> float:
+    """Median seconds until `call()` returns (at least 3 runs, after a warm-up; the device idle at each
+    start): with almost no arithmetic, the host side of a forward."""
+    call()
     samples = []
     for _ in range(max(3, repeat)):
         sync([device])
         t0 = time.perf_counter()
-        one(model, tiny)
+        call()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
@@ -243,14 +247,7 @@ def family_host_seconds(name: str, depth: dict, device: str, repeat: int) -> flo
     def call():
         with torch.no_grad():
             model._forward(*args, transformer_options={})
-    call()
-    samples = []
-    for _ in range(max(3, repeat)):
-        sync([device])
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return call_seconds(call, device, repeat)
 
 
 def measure(opts) -> dict:

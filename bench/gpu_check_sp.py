@@ -164,6 +164,11 @@ def thread_modes(torch):
     return {"patches": {"post_input": [probe]}}, seen
 
 
+def judged(check: str, problems: list, figure: str, note: str) -> Row:
+    """A row that passes without `problems`, and fails with them, listed before its note."""
+    return Row(check, FAIL if problems else PASS, figure, "; ".join(problems + [note]))
+
+
 def part_fp32(state) -> list:
     torch, device = state["torch"], state["device"]
     from comfy.ldm.modules import attention
@@ -190,16 +195,15 @@ def part_fp32(state) -> list:
         problems.append(f"attention over local tokens only passed the check ({broken:.1e}): the check cannot fail")
     inference = sorted(name for name, (inf, _) in modes.items() if inf)
     grad = sorted(name for name, (_, on) in modes.items() if on)
-    return [Row(f"8. sequence parallel, fp32: N ranks on {device} = one rank", FAIL if problems else PASS,
-                "max rel error " + ", ".join(f"N={n} {e:.1e}" for n, e in errors.items())
-                + f" (< {TOLERANCE:g}); local-only attention, N=2: {broken:.1e} (must be > {100 * TOLERANCE:g})",
-                ("; ".join(problems) + "; " if problems else "")
-                + f"ComfyUI Flux, hidden 96, 6 heads, 2 double + 2 single blocks, random weights, q/k norm "
-                f"scales 1, fp32; {' and '.join(tokens_of(a) for a in cases)} (tokens and heads uneven over 3 "
-                f"and 4); parallel_forward over [{device}] x N against the one-rank Flux._forward; {tf32}; "
-                f"attention {attention.optimized_attention.__name__}; called in inference mode, as ComfyUI runs nodes: "
-                f"inference mode on in {', '.join(inference) or 'no rank thread'}, grad mode on in "
-                f"{', '.join(grad) or 'no rank thread'}")]
+    return [judged(f"8. sequence parallel, fp32: N ranks on {device} = one rank", problems,
+                   "max rel error " + ", ".join(f"N={n} {e:.1e}" for n, e in errors.items())
+                   + f" (< {TOLERANCE:g}); local-only attention, N=2: {broken:.1e} (must be > {100 * TOLERANCE:g})",
+                   f"ComfyUI Flux, hidden 96, 6 heads, 2 double + 2 single blocks, random weights, q/k norm "
+                   f"scales 1, fp32; {' and '.join(tokens_of(a) for a in cases)} (tokens and heads uneven over 3 "
+                   f"and 4); parallel_forward over [{device}] x N against the one-rank Flux._forward; {tf32}; "
+                   f"attention {attention.optimized_attention.__name__}; called in inference mode, as ComfyUI runs "
+                   f"nodes: inference mode on in {', '.join(inference) or 'no rank thread'}, grad mode on in "
+                   f"{', '.join(grad) or 'no rank thread'}")]
 
 
 def part_bf16(state) -> list:
@@ -218,12 +222,11 @@ def part_bf16(state) -> list:
         problems += [f"{tokens_of(args)}, N = {n}: {e:.1e} > {bound:.1e}" for n, e in error.items() if e > bound]
         figures.append(f"{tokens_of(args)}: floor {floor:.1e}; " + ", ".join(f"N={n} {e:.1e}" for n, e in error.items()))
         notes.append(f"{tokens_of(args)}: " + ", ".join(f"N={n} {e:.1e}" for n, e in within.items()))
-    return [Row(f"8. sequence parallel, bf16: N ranks on {device} within 2x bf16's noise floor",
-                FAIL if problems else PASS, "max rel error vs fp32: " + "; ".join(figures),
-                ("; ".join(problems) + "; " if problems else "")
-                + f"the model of the row above cast to bf16 (inputs too); noise floor = bf16 one rank vs the fp32 "
-                f"one-rank output ({tf32}); pass: N ranks <= {BF16_FACTOR:g}x floor + {BF16_EPSILON:g}; bf16 N ranks "
-                f"vs bf16 one rank: " + "; ".join(notes))]
+    return [judged(f"8. sequence parallel, bf16: N ranks on {device} within 2x bf16's noise floor",
+                   problems, "max rel error vs fp32: " + "; ".join(figures),
+                   f"the model of the row above cast to bf16 (inputs too); noise floor = bf16 one rank vs the "
+                   f"fp32 one-rank output ({tf32}); pass: N ranks <= {BF16_FACTOR:g}x floor + {BF16_EPSILON:g}; bf16 "
+                   f"N ranks vs bf16 one rank: " + "; ".join(notes))]
 
 
 # ---- part 3: one forward timed ---------------------------------------------------------------------
@@ -359,18 +362,17 @@ def part_vae(state) -> list:
     equal = "bit-identical" if diff == 0 else \
         f"max abs difference {diff:.1e} ({rel:.1e} relative, {'within' if rel <= 1e-6 else 'over'} 1e-6)"
     width = f"ch {ddconfig['ch']}, ch_mult {ddconfig['ch_mult']}, {ddconfig['num_res_blocks']} res blocks"
-    return [Row(f"8. sequence parallel: VAE decode, tiles over [{device}, {device}] = the host's decode_tiled",
-                FAIL if problems else PASS,
-                f"{equal}; host {1000 * host_s:.0f} ms, spread {1000 * spread_s:.0f} ms; tiles per rank "
-                f"{'/'.join(map(str, result.per_rank))}",
-                ("; ".join(problems) + "; " if problems else "")
-                + f"SD VAE ({width}), random weights, on {vae.device} in {str(vae.vae_dtype).replace('torch.', '')} "
-                f"(ComfyUI's choice); latent {'x'.join(map(str, latent.shape))} -> images "
-                f"{'x'.join(map(str, expected.shape))}; comfy.sd.VAE.decode_tiled with VAEDecodeTiled's arithmetic "
-                f"for tile_size {case['tile_size']}, overlap {case['overlap']} px (tile_x/tile_y {tiles['tile_x']}, "
-                f"overlap {tiles['overlap']}) against spread_decode_tiled over 2 ranks on one device (it runs the "
-                f"host's tiling code twice, to record and to replay; ranks sharing one GPU decode no faster than "
-                f"one); the host's decode timed after a warm-up")]
+    return [judged(f"8. sequence parallel: VAE decode, tiles over [{device}, {device}] = the host's decode_tiled",
+                   problems,
+                   f"{equal}; host {1000 * host_s:.0f} ms, spread {1000 * spread_s:.0f} ms; tiles per rank "
+                   f"{'/'.join(map(str, result.per_rank))}",
+                   f"SD VAE ({width}), random weights, on {vae.device} in {str(vae.vae_dtype).replace('torch.', '')} "
+                   f"(ComfyUI's choice); latent {'x'.join(map(str, latent.shape))} -> images "
+                   f"{'x'.join(map(str, expected.shape))}; comfy.sd.VAE.decode_tiled with VAEDecodeTiled's arithmetic "
+                   f"for tile_size {case['tile_size']}, overlap {case['overlap']} px (tile_x/tile_y {tiles['tile_x']}, "
+                   f"overlap {tiles['overlap']}) against spread_decode_tiled over 2 ranks on one device (it runs the "
+                   f"host's tiling code twice, to record and to replay; ranks sharing one GPU decode no faster than "
+                   f"one); the host's decode timed after a warm-up")]
 
 
 # ---- part 5: the other model families --------------------------------------------------------------
@@ -392,11 +394,10 @@ def part_families(state) -> list:
                         continue
                     errors[name, n] = max_rel_error(run([model] * n, [device] * n, None, None)[0], expected)
     problems += [f"{name}, N = {n}: {e:.1e} >= {TOLERANCE:g}" for (name, n), e in errors.items() if not e < TOLERANCE]
-    return [Row(f"8. sequence parallel, fp32: FLUX.2, Qwen-Image, Wan, HunyuanVideo as N ranks on {device} = one rank",
-                FAIL if problems else PASS,
-                "max rel error " + ", ".join(f"{name} N={n} {e:.1e}" for (name, n), e in errors.items())
-                + f" (< {TOLERANCE:g})",
-                ("; ".join(problems) + "; " if problems else "")
-                + "ComfyUI's classes at the tests' small shapes (6 heads, uneven token and head splits), random "
-                f"weights, fp32, through the SequenceParallel node's adapters; FLUX.2 with a reference latent, "
-                f"Qwen-Image with ControlNet additions; {tf32}")]
+    return [judged(f"8. sequence parallel, fp32: FLUX.2, Qwen-Image, Wan, HunyuanVideo as N ranks on {device} = "
+                   "one rank", problems,
+                   "max rel error " + ", ".join(f"{name} N={n} {e:.1e}" for (name, n), e in errors.items())
+                   + f" (< {TOLERANCE:g})",
+                   "ComfyUI's classes at the tests' small shapes (6 heads, uneven token and head splits), random "
+                   f"weights, fp32, through the SequenceParallel node's adapters; FLUX.2 with a reference latent, "
+                   f"Qwen-Image with ControlNet additions; {tf32}")]
